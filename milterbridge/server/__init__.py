@@ -1,0 +1,1 @@
+"""The MTA-facing side: listeners and one session per MTA connection."""
