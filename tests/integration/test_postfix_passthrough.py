@@ -6,6 +6,8 @@ whatever the size of its body and however many messages share one SMTP session.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,3 +96,45 @@ def test_eight_bit_headers_and_body_pass_unchanged(
     (delivered,) = postfix.wait_delivered(1)
     assert delivered.body == "Grüße\r\n".encode()
     assert b"X-Latin: caf\xe9" in delivered.raw
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_older_protocol_versions_negotiate_and_pass(tmp_path: Path, protocol: int) -> None:
+    """Postfix with milter_protocol 2 or 4 negotiates that version and mail still passes."""
+    require_postfix()
+    settings = {"milter_default_action": "reject", "milter_protocol": protocol}
+    with (
+        BridgeProcess(tmp_path / "bridge") as bridge,
+        PostfixInstance(tmp_path, milters=[bridge.listen], main_cf=settings) as postfix,
+    ):
+        result = postfix.send("a@sender.test", ["b@rcpt.test"], make_message(HEADERS, b"v2\r\n"))
+        assert result.accepted, result
+        (delivered,) = postfix.wait_delivered(1)
+        assert list(delivered.headers_except("Received")) == HEADERS
+        (end,) = bridge.wait_for("session_end")
+        assert end["messages"] == 1
+
+
+def test_unix_socket_listener(tmp_path: Path) -> None:
+    """Postfix reaches the bridge over a Unix socket created with the configured mode."""
+    require_postfix()
+    socket_dir = Path(tempfile.mkdtemp(prefix="mb-"))
+    try:
+        socket_dir.chmod(0o755)
+        config = tmp_path / "milterbridge.toml"
+        config.write_text('[server]\nsocketMode = "0666"\n')
+        spec = f"unix:{socket_dir}/milter.sock"
+        with (
+            BridgeProcess(
+                tmp_path / "bridge", listen=spec, args=["--config", str(config)]
+            ) as bridge,
+            PostfixInstance(
+                tmp_path, milters=[spec], main_cf={"milter_default_action": "reject"}
+            ) as postfix,
+        ):
+            result = postfix.send("a@sender.test", ["b@rcpt.test"], make_message(HEADERS, b"x\r\n"))
+            assert result.accepted, result
+            assert len(postfix.wait_delivered(1)) == 1
+            assert bridge.wait_for("session_end")[0]["messages"] == 1
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
