@@ -1,4 +1,4 @@
-"""Command line: ``milterbridge run | check-config``."""
+"""Command line: ``milterbridge run | check-config | send``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .app import run_until_signalled
 from .config import EMBEDDED_DEFAULT, Config, ConfigError, ServerConfig, load_config
 from .listeners import ListenerSpecError, parse_listener
 from .logs import configure_logging
+from .send import Envelope, send_main
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -40,6 +41,20 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", type=Path)
+
+    send = commands.add_parser(
+        "send", help="play the MTA against a milter and show what a message becomes"
+    )
+    send.add_argument("file", type=Path, metavar="FILE.eml")
+    send.add_argument("--to", default="inet:127.0.0.1:8899", metavar="SPEC")
+    send.add_argument("--from", dest="sender", default="sender@example.test", metavar="ADDR")
+    send.add_argument("--rcpt", action="append", metavar="ADDR", help="repeatable")
+    send.add_argument("--helo", default="client.test")
+    send.add_argument("--client", default="127.0.0.1", metavar="IP")
+    send.add_argument(
+        "--macro", action="append", default=[], metavar="NAME=VALUE", help="repeatable"
+    )
+    send.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
     return parser
 
 
@@ -85,10 +100,36 @@ def _check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _send(args: argparse.Namespace) -> int:
+    try:
+        raw = args.file.read_bytes()
+        parse_listener(args.to)
+    except (OSError, ListenerSpecError) as exc:
+        print(f"milterbridge send: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    macros = []
+    for item in args.macro:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            print(f"milterbridge send: --macro {item!r}: expected NAME=VALUE", file=sys.stderr)
+            return EXIT_CONFIG
+        macros.append((name.encode(), value.encode()))
+    envelope = Envelope(
+        sender=args.sender.encode(),
+        recipients=[r.encode() for r in args.rcpt or ["recipient@example.test"]],
+        helo=args.helo.encode(),
+        client_ip=args.client,
+        macros=macros,
+    )
+    return send_main(args.to, envelope, raw, args.timeout)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "send":
+        return _send(args)
     return _check_config(args)
 
 
