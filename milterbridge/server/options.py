@@ -1,0 +1,138 @@
+"""What the bridge answers to the MTA's OPTNEG, computed from the filters' cached options.
+
+The MTA negotiates before any filter has joined the session (design §4.1), so the answer comes
+from what each milter negotiated the last time we connected to it (``None``: not known yet, which
+counts as wanting every step, every action and every reply). The rules follow the protocol notes
+§8.1, as milter-manager merges its children's options:
+
+* version: the MTA's, at most 6;
+* actions: the union of the filters' actions (edits from any filter must be forwardable);
+* a step is declined (SMFIP_NO*) only when no filter wants it -- a filter that joins late still
+  needs the earlier steps replayed, so "wants" is about its options, not its ``stages``;
+* no-reply (SMFIP_NR_*) for a step only when every filter either declined it or promised no
+  reply to it: otherwise the bridge must answer, even if only with a CONTINUE of its own;
+* SKIP when the MTA offers it (the bridge decides itself when to skip);
+* macro lists: per stage, the union of the filters' lists plus Postfix's default list whenever
+  some filter did not send a list for that stage (a list we send replaces the MTA's defaults);
+  no lists at all when no filter sent any.
+
+HDR_LEADSPC and RCPT_REJ are never requested: the bridge would have to translate header spacing
+and refused recipients per upstream, and does not yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..milter import (
+    ALL_ACTIONS,
+    Action,
+    Body,
+    Command,
+    Connect,
+    Data,
+    EndOfHeaders,
+    Header,
+    Helo,
+    MacroStage,
+    Mail,
+    Negotiated,
+    OptNeg,
+    OptNegReply,
+    Protocol,
+    Rcpt,
+    Unknown,
+    answer_offer,
+)
+from ..milter.negotiation import STEP_FLAGS
+
+#: The steps a filter can decline or promise not to answer.
+STEPS: tuple[type[Command], ...] = (
+    Connect,
+    Helo,
+    Mail,
+    Rcpt,
+    Data,
+    Header,
+    EndOfHeaders,
+    Body,
+    Unknown,
+)
+
+#: Postfix's default macro lists (milter_*_macros, Postfix 3.7; protocol notes §6.1).
+POSTFIX_DEFAULT_MACROS: dict[MacroStage, tuple[bytes, ...]] = {
+    MacroStage.CONNECT: (b"j", b"{daemon_name}", b"{daemon_addr}", b"v", b"_"),
+    MacroStage.HELO: (
+        b"{tls_version}",
+        b"{cipher}",
+        b"{cipher_bits}",
+        b"{cert_subject}",
+        b"{cert_issuer}",
+    ),
+    MacroStage.ENVFROM: (
+        b"i",
+        b"{auth_type}",
+        b"{auth_authen}",
+        b"{auth_author}",
+        b"{mail_addr}",
+        b"{mail_host}",
+        b"{mail_mailer}",
+    ),
+    MacroStage.ENVRCPT: (b"i", b"{rcpt_addr}", b"{rcpt_host}", b"{rcpt_mailer}"),
+    MacroStage.DATA: (b"i",),
+    MacroStage.EOH: (b"i",),
+    MacroStage.EOM: (b"i",),
+}
+
+
+def _wants(options: Negotiated | None, step: type[Command]) -> bool:
+    return options is None or options.sends(step)
+
+
+def _silent(options: Negotiated | None, step: type[Command]) -> bool:
+    return options is not None and (not options.sends(step) or options.no_reply(step))
+
+
+def bridge_protocol(filters: Sequence[Negotiated | None]) -> Protocol:
+    """The protocol bits the bridge asks of the MTA (before narrowing to its offer)."""
+    bits = Protocol.SKIP
+    for step in STEPS:
+        no_flag, nr_flag = STEP_FLAGS[step]
+        if not any(_wants(f, step) for f in filters):
+            bits |= no_flag
+        elif all(_silent(f, step) for f in filters):
+            bits |= nr_flag
+    return bits
+
+
+def bridge_actions(filters: Sequence[Negotiated | None]) -> Action:
+    actions = Action.NONE
+    for options in filters:
+        actions |= ALL_ACTIONS if options is None else options.actions
+    return actions & ~Action.SETSYMLIST
+
+
+def bridge_macros(filters: Sequence[Negotiated | None]) -> dict[MacroStage, bytes]:
+    """Per-stage macro lists to request, or {} to leave the MTA's defaults alone."""
+    if not any(options is not None and options.macros for options in filters):
+        return {}
+    lists: dict[MacroStage, bytes] = {}
+    for stage in MacroStage:
+        names: dict[bytes, None] = {}
+        for options in filters:
+            wanted = options.macros.get(stage) if options is not None else None
+            for name in POSTFIX_DEFAULT_MACROS[stage] if wanted is None else wanted:
+                names[name] = None
+        if names:
+            lists[stage] = b" ".join(names)
+    return lists
+
+
+def answer_mta(offer: OptNeg, filters: Sequence[Negotiated | None]) -> OptNegReply:
+    """The bridge's OPTNEG answer to the MTA, given every configured milter's cached options."""
+    return answer_offer(
+        offer,
+        actions=bridge_actions(filters),
+        protocol=bridge_protocol(filters),
+        macros=bridge_macros(filters),
+    )
