@@ -96,7 +96,7 @@ def _check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"milterbridge: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    print(f"{args.file}: ok (listen: {', '.join(config.server.listen)})")
+    print(f"{args.file}: ok ({config.summary()})")
     return EXIT_OK
 
 

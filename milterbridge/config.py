@@ -7,19 +7,53 @@ or no file at all -- is the embedded default: listen on inet:127.0.0.1:8899, no 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Final, Literal
 
 import msgspec
 
+from .durations import Duration, Size, dec_hook
 from .listeners import ListenerSpecError, parse_listener
+from .milter.constants import ALL_ACTIONS, ALL_PROTOCOL, Protocol
 
 DEFAULT_LISTEN = "inet:127.0.0.1:8899"
+
+#: A filter stage, as written in ``stages``.
+Stage = Literal["connect", "ehlo", "auth", "mail", "rcpt", "data"]
+#: Every stage, in the order an SMTP session reaches them.
+SMTP_STAGE_ORDER: Final[tuple[Stage, ...]] = ("connect", "ehlo", "auth", "mail", "rcpt", "data")
+#: The milter protocol version spoken to an upstream filter.
+MilterVersion = Literal["v6", "v2"]
+#: A filter name: it becomes a metric label and a log field, so it is short and plain.
+FilterName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+#: SMFIF_* bits a filter may be offered (SMFI_CURR_ACTS).
+ACTION_FLAGS_MASK: Final = int(ALL_ACTIONS)
+#: SMFIP_* bits an MTA may offer: SMFI_CURR_PROT plus the macro-size (MDS) bits.
+PROTOCOL_FLAGS_MASK: Final = int(ALL_PROTOCOL | Protocol.MDS_256K | Protocol.MDS_1M)
+
+# Longest path a Unix socket address holds on Linux (sun_path is 108 bytes with the NUL).
+_SUN_PATH_MAX = 107
+_HOST_NAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*\.?")
 
 
 class ConfigError(Exception):
     """A configuration that cannot be used; the message names the file and key path."""
+
+
+class _KeyProblem(ValueError):
+    """A check in ``__post_init__`` that names the key, relative to the struct it runs in.
+
+    msgspec turns it into a ValidationError at the struct's path and keeps it as the cause;
+    ``_describe`` joins the two paths.
+    """
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
 
 
 class Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, rename="camel"):
@@ -43,10 +77,158 @@ class ServerConfig(Base, frozen=True):
                 raise ValueError(f"listen: {exc}") from None
 
 
+class ExpressionMatch(Base, frozen=True):
+    """One ``{if = ..., then = ...}`` rule of an :class:`Expression`."""
+
+    if_: str = msgspec.field(name="if")
+    then: str
+
+
+class Expression(Base, frozen=True):
+    """``{match = [{if = ..., then = ...}, ...], else = ...}``: the first rule whose ``if`` holds
+    gives the value, else ``else`` does.
+
+    Until the expression language lands only constants are accepted: no ``match`` rules and
+    ``else`` either ``"true"`` or ``"false"``.
+    """
+
+    else_: str = msgspec.field(name="else")
+    match: list[ExpressionMatch] = []
+
+    def __post_init__(self) -> None:
+        if self.match:
+            raise _KeyProblem(
+                "match",
+                "conditions are not supported yet (expressions arrive in a later version); "
+                'for now use a constant: {else = "true"} or {else = "false"}',
+            )
+        if self.else_ not in ("true", "false"):
+            raise _KeyProblem(
+                "else",
+                f"{self.else_!r} is an expression, and expressions arrive in a later version; "
+                'for now only the constants "true" and "false" are accepted',
+            )
+
+    @property
+    def constant(self) -> bool:
+        """The value of a constant expression (the only kind accepted for now)."""
+        return self.else_ == "true"
+
+
+def _always() -> Expression:
+    return Expression(else_="true")
+
+
+def _default_stages() -> list[Stage]:
+    return ["data"]
+
+
+class MilterFilter(Base, frozen=True):
+    """``[[milter]]``: one upstream milter (the MtaMilter reference object, plus our keys)."""
+
+    name: FilterName
+    #: Host name or IP address; exactly one of hostname and unix_path is set.
+    hostname: str | None = None
+    #: Absolute path of the filter's Unix socket.
+    unix_path: str | None = None
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 11332
+    use_tls: bool = False
+    allow_invalid_certs: bool = False
+    #: Largest packet accepted from the filter.
+    max_response_size: Size = Size(52428800)
+    temp_fail_on_error: bool = True
+    protocol_version: MilterVersion = "v6"
+    #: As written (no duplicates); see stages_in_smtp_order().
+    stages: Annotated[list[Stage], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=_default_stages
+    )
+    timeout_command: Duration = Duration(30.0)
+    timeout_connect: Duration = Duration(30.0)
+    timeout_data: Duration = Duration(60.0)
+    #: SMFIF_* bits to offer instead of the default; None: the default.
+    flags_action: int | None = None
+    #: SMFIP_* bits to offer instead of the default; None: the default.
+    flags_protocol: int | None = None
+    enable: Expression = msgspec.field(default_factory=_always)
+
+    def __post_init__(self) -> None:
+        self._check_address()
+        seen: set[str] = set()
+        for index, stage in enumerate(self.stages):
+            if stage in seen:
+                raise _KeyProblem(f"stages[{index}]", f"stage {stage!r} is listed twice")
+            seen.add(stage)
+        _check_flags("flagsAction", self.flags_action, ACTION_FLAGS_MASK, "SMFIF_* action")
+        _check_flags("flagsProtocol", self.flags_protocol, PROTOCOL_FLAGS_MASK, "SMFIP_* protocol")
+
+    def _check_address(self) -> None:
+        if self.hostname is not None and self.unix_path is not None:
+            raise _KeyProblem("", "give hostname or unixPath, not both")
+        if self.unix_path is not None:
+            if not self.unix_path.startswith("/"):
+                raise _KeyProblem("unixPath", f"{self.unix_path!r}: the path must be absolute")
+            if "\0" in self.unix_path:
+                raise _KeyProblem("unixPath", f"{self.unix_path!r}: contains a NUL character")
+            if len(self.unix_path.encode()) > _SUN_PATH_MAX:
+                raise _KeyProblem(
+                    "unixPath", f"{self.unix_path!r}: longer than a Unix socket address allows"
+                )
+            if self.use_tls:
+                raise _KeyProblem("useTls", "TLS is not available over a Unix socket (unixPath)")
+            return
+        if self.hostname is None:
+            raise _KeyProblem("", "missing hostname (or unixPath for a Unix socket)")
+        if not _is_host(self.hostname):
+            raise _KeyProblem("hostname", f"{self.hostname!r} is not a host name or IP address")
+
+    def stages_in_smtp_order(self) -> tuple[Stage, ...]:
+        """The configured stages sorted in the order an SMTP session reaches them."""
+        return tuple(stage for stage in SMTP_STAGE_ORDER if stage in self.stages)
+
+
+def _is_host(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return _HOST_NAME.fullmatch(text) is not None
+    return True
+
+
+def _check_flags(key: str, value: int | None, mask: int, what: str) -> None:
+    if value is None:
+        return
+    if value < 0:
+        raise _KeyProblem(key, f"{value}: {what} flags cannot be negative")
+    if value & ~mask:
+        raise _KeyProblem(
+            key, f"{value} ({value:#x}) has bits outside the {what} flags (mask {mask:#x})"
+        )
+
+
 class Config(Base, frozen=True):
     """The whole file."""
 
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    #: ``[[milter]]`` tables, in file order (which is the merge order).
+    milter: list[MilterFilter] = []
+
+    def __post_init__(self) -> None:
+        first: dict[str, int] = {}
+        for index, milter in enumerate(self.milter):
+            if milter.name in first:
+                raise _KeyProblem(
+                    f"milter[{index}].name",
+                    f"duplicate filter name {milter.name!r} (also milter[{first[milter.name]}])",
+                )
+            first[milter.name] = index
+
+    def summary(self) -> str:
+        """One line for ``check-config``: the listeners and the filters."""
+        names = [milter.name for milter in self.milter]
+        filters = f"{len(names)} milter{'' if len(names) == 1 else 's'}"
+        if names:
+            filters += ": " + ", ".join(names)
+        return f"listen: {', '.join(self.server.listen)}; {filters}"
 
 
 EMBEDDED_DEFAULT = Config()
@@ -54,9 +236,19 @@ EMBEDDED_DEFAULT = Config()
 _PATH = re.compile(r" - at `\$\.?(.*)`$")
 
 
+def _join(path: str, key: str) -> str:
+    if not path or not key:
+        return path or key
+    return f"{path}{key}" if key.startswith("[") else f"{path}.{key}"
+
+
 def _describe(path: Path, exc: msgspec.MsgspecError) -> str:
     message = str(exc)
     match = _PATH.search(message)
+    cause = exc.__cause__
+    if isinstance(cause, _KeyProblem):
+        key = _join(match.group(1) if match else "", cause.key) or "(top level)"
+        return f"{path}: {key}: {cause.problem}"
     if match is None:
         where = "(top level): " if isinstance(exc, msgspec.ValidationError) else ""
         return f"{path}: {where}{message}"
@@ -67,7 +259,7 @@ def _describe(path: Path, exc: msgspec.MsgspecError) -> str:
 def parse_config(data: bytes | str, path: Path) -> Config:
     """Decode a config document; ``path`` only names it in errors."""
     try:
-        return msgspec.toml.decode(data, type=Config)
+        return msgspec.toml.decode(data, type=Config, dec_hook=dec_hook)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise ConfigError(_describe(path, exc)) from None
 
