@@ -1,51 +1,85 @@
-"""One MTA connection: we play the filter.
+"""One MTA connection: we play the filter towards the MTA and the MTA towards every milter.
 
-This is the pass-through session of the foundation: it negotiates every step with the MTA,
-answers CONTINUE to each step that wants a reply and ACCEPT at end-of-message, and forgets
-nothing between messages. The fan-out engine replaces the answering, not the loop.
+Every reply-expecting command is a sync point (design §4): the session sends it, with its
+macros, to every joined milter still in the connection or message, waits for all of them in
+parallel (each under its own timeouts, enforced by its client), merges their final replies
+(engine.verdicts) and answers the MTA -- so a reject at end-of-headers or a SKIP on the first body
+chunk reaches the MTA at that very packet. At end-of-message the milters' edits are merged into
+one script (engine.edits), sent with the final reply in one write, and PROGRESS keeps the MTA
+waiting while slow milters think.
 
-Lifetime: the session owns its stream (the listener's handler closes it); it ends on QUIT, on the
-MTA closing the connection at any byte, or on a protocol error, and in each case logs exactly one
-``session_end`` line.
+Failure policy (design §7): a milter that fails (``UpstreamFailure``) is logged once and closed;
+with tempFailOnError it answers TEMPFAIL at that stage and at every later stage of the connection
+(as Postfix makes a failed milter's default reply sticky), without it the milter leaves the
+session and the others decide. If every milter that tried to join failed to connect or negotiate
+and none is left, the session closes the MTA connection, so that the MTA's own
+milter_default_action decides.
+
+Lifetime: the session owns its stream and its milters' connections; every task lives in a nursery
+of the session, so an MTA that vanishes at any byte cancels all of it and leaves nothing behind.
+Exactly one ``session_end`` line is logged.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
 import trio
 
+from ..config import MilterFilter
+from ..engine.apply import MessageState
+from ..engine.edits import merge_edits
+from ..engine.verdicts import STAGE_REPLIES, Stage, StageReply, StageResult, merge_stage
 from ..milter import (
     CLOSED,
     Abort,
     Accept,
-    Action,
+    Body,
+    Command,
     Connect,
     Connection,
     Continue,
+    Data,
+    DelRcpt,
     EndOfMessage,
+    Header,
+    Helo,
+    Macro,
     Mail,
     OptNeg,
-    Protocol,
+    Progress,
     ProtocolError,
     Quit,
     QuitNoClose,
+    Rcpt,
+    Reply,
     Role,
-    answer_offer,
+    Tempfail,
+    Unknown,
 )
 from ..transport import MilterStream
+from ..upstream import UpstreamFailure, UpstreamMilter, connect_upstream
+from .filters import FilterSlot, History, OptionsCache, build_slots, joins_at
+from .options import answer_mta
 
 log = structlog.get_logger("milterbridge.session")
 
-#: What the pass-through asks of the MTA: every step, every reply (no NO_*/NR_* bits), no edits.
-PASS_THROUGH_ACTIONS = Action.NONE
-PASS_THROUGH_PROTOCOL = Protocol.NONE
+#: How often the MTA hears PROGRESS while end-of-message waits on slow milters: well below
+#: Postfix's 300 s content timeout and Sendmail's 10 s per-read timeout (protocol notes §5.6).
+PROGRESS_INTERVAL = 3.0
+#: How long closing the milters' connections may take when a session ends.
+GOODBYE_SECONDS = 2.0
 
 
 def new_session_id() -> str:
     return secrets.token_hex(6)
+
+
+class CloseMta(Exception):
+    """Every milter failed to join: drop the MTA connection so its default action applies."""
 
 
 @dataclass
@@ -61,16 +95,36 @@ class SessionStats:
     started: float = field(default_factory=trio.current_time)
 
 
+Outcome = list[Reply] | UpstreamFailure
+_Call = Callable[[UpstreamMilter], Awaitable[list[Reply]]]
+_Target = tuple[FilterSlot, UpstreamMilter]
+
+
 class MtaSession:
     """Drives one MTA connection through the codec in the filter role."""
 
-    def __init__(self, stream: trio.abc.Stream, *, max_packet: int, session_id: str) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        max_packet: int,
+        session_id: str,
+        filters: Sequence[MilterFilter] = (),
+        options_cache: OptionsCache | None = None,
+    ) -> None:
         self.session_id = session_id
         self.milter = MilterStream(stream, Connection(Role.FILTER, max_packet=max_packet))
         self.stats = SessionStats()
+        self.slots = build_slots(filters)
+        self.cache: OptionsCache = {} if options_cache is None else options_cache
+        self.history = History()
+        self.offer: OptNeg | None = None
+        self.macro: Macro | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.authenticated = False
 
     async def run(self) -> None:
-        """Serve the connection until it ends; never raises for the MTA's misbehaviour."""
+        """Serve the connection until it ends; never raises for a peer's misbehaviour."""
         with structlog.contextvars.bound_contextvars(session_id=self.session_id):
             try:
                 await self._serve()
@@ -78,11 +132,18 @@ class MtaSession:
                 self.stats.outcome, self.stats.error = "protocol_error", str(exc)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self.stats.outcome, self.stats.error = "connection_lost", str(exc) or None
+            except CloseMta as exc:
+                self.stats.outcome, self.stats.error = "all_filters_failed", str(exc)
             finally:
+                # Say goodbye to the milters even when cancelled, but never wait long for it.
+                with trio.move_on_after(GOODBYE_SECONDS, shield=True):
+                    await self._close_upstreams()
+                await trio.aclose_forcefully(self.milter.stream)
                 self._log_end()
 
+    # --- the MTA loop -------------------------------------------------------------------
+
     async def _serve(self) -> None:
-        connection = self.milter.connection
         while True:
             event = await self.milter.receive()
             if event is CLOSED:
@@ -90,28 +151,282 @@ class MtaSession:
             self.stats.commands += 1
             match event:
                 case OptNeg():
-                    await self.milter.send(
-                        answer_offer(
-                            event, actions=PASS_THROUGH_ACTIONS, protocol=PASS_THROUGH_PROTOCOL
-                        )
-                    )
-                case Connect():
-                    self.stats.client = event.address.decode("ascii", "replace") or None
+                    self.offer = event
+                    options = [self.cache.get(slot.name) for slot in self.slots]
+                    await self.milter.send(answer_mta(event, options))
+                case Macro():
+                    self.macro = event
+                    continue
                 case Quit():
                     self.stats.outcome = "quit"
                     return
                 case QuitNoClose():
-                    self.stats.client = None
+                    await self._close_upstreams()
+                    self.slots = build_slots([slot.config for slot in self.slots])
+                    self.history = History()
                 case Abort():
                     self.stats.aborts += 1
-                case Mail():
-                    pass
+                    await self._abort()
                 case EndOfMessage():
-                    self.stats.messages += 1
-                    await self.milter.send(Accept())
-                    continue
-            if connection.awaiting is not None:
-                await self.milter.send(Continue())
+                    await self._end_of_message(self._take_macro())
+                case Body():
+                    await self._answer(Stage.BODY, await self._body(event))
+                case Command():
+                    await self._step(event)
+            self.macro = None
+
+    def _take_macro(self) -> Macro | None:
+        macro, self.macro = self.macro, None
+        return macro
+
+    async def _step(self, command: Command) -> None:
+        """An envelope, header or unknown command: join, replay, fan out, merge, answer."""
+        macro = self._take_macro()
+        self._remember(macro, command)
+        if isinstance(command, Connect | Helo | Mail | Rcpt | Data):
+            await self._join(type(command))
+        outcomes = await self._fan_out(
+            lambda client: client.command(macro, command), message=_in_message(command)
+        )
+        result = await self._answer(Stage.of(type(command)), outcomes)
+        if isinstance(command, Rcpt) and (result is None or not result.recipient_only):
+            self.history.recipients.append((macro, command))
+
+    def _remember(self, macro: Macro | None, command: Command) -> None:
+        match command:
+            case Connect():
+                self.history.connect = (macro, command)
+                self.stats.client = command.address.decode("ascii", "replace") or None
+            case Helo():
+                self.history.helo = (macro, command)
+            case Mail():
+                self._new_message()
+                self.history.mail = (macro, command)
+                self.authenticated = any(
+                    name == b"{auth_authen}" and value
+                    for name, value in (macro.macros if macro else ())
+                )
+            case Header():
+                self.headers.append((command.name, command.value))
+
+    def _new_message(self) -> None:
+        self.history.new_message()
+        self.headers = []
+        for slot in self.slots:
+            slot.reset_message()
+
+    # --- joining ------------------------------------------------------------------------
+
+    async def _join(self, command: type[Command]) -> None:
+        """Connect the milters that join at this command and replay what they missed."""
+        joining = [
+            slot
+            for slot in self.slots
+            if not slot.joined
+            and not slot.gone
+            and slot.sticky is None
+            and joins_at(slot.config, command, self.authenticated)
+        ]
+        if not joining:
+            return
+        async with trio.open_nursery() as nursery:
+            for slot in joining:
+                nursery.start_soon(self._join_one, slot, command)
+        failed = [slot for slot in joining if slot.client is None]
+        if failed and len(failed) == len(joining) and not any(s.live() for s in self.slots):
+            raise CloseMta(f"no filter could be joined ({', '.join(s.name for s in failed)})")
+
+    async def _join_one(self, slot: FilterSlot, command: type[Command]) -> None:
+        assert self.offer is not None
+        try:
+            client = await connect_upstream(slot.endpoint, self.offer)
+        except UpstreamFailure as failure:
+            self._failed(slot, failure)
+            return
+        slot.client = client
+        self.cache[slot.name] = client.negotiated
+        for macro, replayed in self.history.before(command):
+            try:
+                replies = await client.command(macro, replayed)
+            except UpstreamFailure as failure:
+                self._failed(slot, failure)
+                return
+            self._replayed(slot, replayed, replies)
+
+    def _replayed(self, slot: FilterSlot, command: Command, replies: list[Reply]) -> None:
+        """A refusal of a replayed command counts at the current stage (design §8)."""
+        final = replies[-1] if replies else None
+        if (
+            final is None
+            or isinstance(final, Continue | Accept)
+            or not isinstance(final, STAGE_REPLIES)
+        ):
+            return
+        if isinstance(command, Rcpt):
+            slot.refused_recipients.append(command.address)
+        elif isinstance(command, Mail):
+            slot.sticky_message = final
+        else:
+            slot.sticky = final
+
+    def _failed(self, slot: FilterSlot, failure: UpstreamFailure) -> None:
+        log.warning(
+            "filter_error",
+            filter=slot.name,
+            stage=failure.stage,
+            kind=failure.kind.value,
+            cause=failure.cause,
+            policy="tempfail" if slot.config.temp_fail_on_error else "skip",
+        )
+        slot.client = None
+        if slot.config.temp_fail_on_error:
+            slot.sticky = Tempfail()
+        else:
+            slot.gone = True
+
+    # --- fan-out ------------------------------------------------------------------------
+
+    def _targets(self, message: bool, body: bool = False) -> list[_Target]:
+        """The milters to ask now: joined, healthy, and still in the message if it matters."""
+        targets = []
+        for slot in self.slots:
+            client = slot.live()
+            if client is None or slot.sticky is not None:
+                continue
+            if message and client.done_for_message:
+                continue
+            if body and client.skipping_body:
+                continue
+            targets.append((slot, client))
+        return targets
+
+    async def _fan_out(
+        self, call: _Call, *, message: bool, body: bool = False
+    ) -> dict[str, Outcome]:
+        outcomes: dict[str, Outcome] = {}
+
+        async def ask(slot: FilterSlot, client: UpstreamMilter) -> None:
+            try:
+                outcomes[slot.name] = await call(client)
+            except UpstreamFailure as failure:
+                outcomes[slot.name] = failure
+                self._failed(slot, failure)
+
+        async with trio.open_nursery() as nursery:
+            for slot, client in self._targets(message, body):
+                nursery.start_soon(ask, slot, client)
+        return outcomes
+
+    async def _body(self, chunk: Body) -> dict[str, Outcome]:
+        macro = self._take_macro()
+        return await self._fan_out(
+            lambda client: client.body(macro, chunk.chunk), message=True, body=True
+        )
+
+    def _stage_replies(self, outcomes: dict[str, Outcome]) -> list[tuple[str, StageReply]]:
+        """Each filter's final reply at this stage, in configured order (sticky ones included)."""
+        replies: list[tuple[str, StageReply]] = []
+        for slot in self.slots:
+            sticky = slot.sticky or slot.sticky_message
+            outcome = outcomes.get(slot.name)
+            if isinstance(outcome, list) and outcome and isinstance(outcome[-1], STAGE_REPLIES):
+                replies.append((slot.name, outcome[-1]))
+            elif sticky is not None and isinstance(sticky, STAGE_REPLIES):
+                replies.append((slot.name, sticky))
+        return replies
+
+    async def _answer(self, stage: Stage, outcomes: dict[str, Outcome]) -> StageResult:
+        """Merge the stage's replies and answer the MTA, if it waits for an answer."""
+        replies = self._stage_replies(outcomes)
+        answered = {name for name, _ in replies}
+        others = any(
+            slot.name not in answered and (slot.live() is not None or not slot.joined)
+            for slot in self.slots
+            if not slot.gone
+        )
+        negotiated = self.milter.connection.negotiated
+        skip_allowed = negotiated is not None and negotiated.skip
+        result = merge_stage(
+            stage,
+            replies,
+            others_active=others,
+            others_want_body=any(
+                not c.skipping_body and c.negotiated.no_reply(Body)
+                for _, c in self._targets(message=True)
+            ),
+            skip_allowed=skip_allowed,
+        )
+        if self.milter.connection.awaiting is not None:
+            await self.milter.send(result.reply)
+        return result
+
+    # --- end of message -----------------------------------------------------------------
+
+    async def _end_of_message(self, macro: Macro | None) -> None:
+        self.stats.messages += 1
+        outcomes: dict[str, Outcome] = {}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_mta_waiting)
+            outcomes = await self._fan_out(
+                lambda client: client.command(macro, EndOfMessage()), message=True
+            )
+            nursery.cancel_scope.cancel()
+        replies = self._stage_replies(outcomes)
+        result = merge_stage(Stage.EOM, replies)
+        script: list[Reply] = []
+        if result.reply in (Continue(), Accept()):
+            script = self._merged_edits(outcomes)
+        await self.milter.send(*script, result.reply)
+
+    async def _keep_mta_waiting(self) -> None:
+        while True:
+            await trio.sleep(PROGRESS_INTERVAL)
+            await self.milter.send(Progress())
+
+    def _merged_edits(self, outcomes: dict[str, Outcome]) -> list[Reply]:
+        per_filter: list[tuple[str, list[Reply]]] = []
+        for slot in self.slots:
+            outcome = outcomes.get(slot.name)
+            edits = list(outcome[:-1]) if isinstance(outcome, list) else []
+            edits += [DelRcpt(address) for address in slot.refused_recipients]
+            edits = [e for e in edits if not isinstance(e, Progress)]
+            if edits:
+                per_filter.append((slot.name, edits))
+        if not per_filter:
+            return []
+        mail = self.history.mail
+        original = MessageState.received(
+            self.headers,
+            sender=mail[1].address if mail and isinstance(mail[1], Mail) else b"<>",
+            recipients=[r.address for _, r in self.history.recipients if isinstance(r, Rcpt)],
+        )
+        merged = merge_edits(original, per_filter)
+        for conflict in merged.conflicts:
+            log.info("merge_conflict", kind=conflict.kind.value, detail=str(conflict))
+        return list(merged.script)
+
+    # --- abort and close ----------------------------------------------------------------
+
+    async def _abort(self) -> None:
+        async def abort(slot: FilterSlot, client: UpstreamMilter) -> None:
+            try:
+                await client.abort()
+            except UpstreamFailure as failure:
+                self._failed(slot, failure)
+
+        async with trio.open_nursery() as nursery:
+            for slot in self.slots:
+                client = slot.live()
+                if client is not None:
+                    nursery.start_soon(abort, slot, client)
+        self._new_message()
+
+    async def _close_upstreams(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for slot in self.slots:
+                if slot.client is not None:
+                    nursery.start_soon(slot.client.quit)
+                    slot.client = None
 
     def _log_end(self) -> None:
         stats = self.stats
@@ -125,3 +440,7 @@ class MtaSession:
             error=stats.error,
             duration=round(trio.current_time() - stats.started, 6),
         )
+
+
+def _in_message(command: Command) -> bool:
+    return not isinstance(command, Connect | Helo | Mail | Unknown)

@@ -86,7 +86,7 @@ def test_send_through_the_pass_through_bridge(tmp_path: Path) -> None:
         status, out = _send(bridge.listen, [b"b@rcpt.test"])
     assert status == Verdict.ACCEPTED
     assert "(message unchanged)" in out
-    assert "eom       accept" in out
+    assert "eom       continue" in out
 
 
 def test_unreachable_milter_exits_1(capsys: pytest.CaptureFixture[str]) -> None:

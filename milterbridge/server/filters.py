@@ -1,0 +1,138 @@
+"""The configured milters as one MTA session sees them: when each joins, and what it missed.
+
+A milter joins a session at the first of its ``stages`` the session reaches (design §8); with
+the default ``["data"]`` it is contacted only for sessions that reach DATA. When it joins after
+CONNECT the bridge opens its connection then and replays what it missed -- connect, helo, mail
+and the recipients accepted so far, each with the macros the MTA sent for it -- before the
+current command. Once joined, a milter stays connected for the rest of the MTA connection and
+gets every later event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..config import MilterFilter
+from ..milter import Command, Connect, Data, Helo, Macro, Mail, Negotiated, Rcpt, Reply
+from ..upstream import UpstreamEndpoint, UpstreamMilter
+
+#: The MTA command at which each configured stage is reached.
+STAGE_COMMAND: dict[str, type[Command]] = {
+    "connect": Connect,
+    "ehlo": Helo,
+    "auth": Mail,
+    "mail": Mail,
+    "rcpt": Rcpt,
+    "data": Data,
+}
+_ORDER: dict[type[Command], int] = {Connect: 0, Helo: 1, Mail: 2, Rcpt: 3, Data: 4}
+
+Step = tuple[Macro | None, Command]
+
+
+def endpoint_of(config: MilterFilter) -> UpstreamEndpoint:
+    """What the upstream client needs from a ``[[milter]]`` table."""
+    return UpstreamEndpoint(
+        name=config.name,
+        hostname=config.hostname or "localhost",
+        port=config.port,
+        unix_path=config.unix_path,
+        use_tls=config.use_tls,
+        allow_invalid_certs=config.allow_invalid_certs,
+        max_response_size=int(config.max_response_size),
+        protocol_version=2 if config.protocol_version == "v2" else 6,
+        flags_action=config.flags_action,
+        flags_protocol=config.flags_protocol,
+        timeout_connect=float(config.timeout_connect),
+        timeout_command=float(config.timeout_command),
+        timeout_data=float(config.timeout_data),
+    )
+
+
+def joins_at(config: MilterFilter, command: type[Command], authenticated: bool) -> bool:
+    """Whether a milter that has not joined yet joins at this envelope command.
+
+    It joins at the first of its stages reached; a stage the session has passed without it
+    (because the MTA was not asked for that step) is caught up at the next command. The ``auth``
+    stage counts only for an authenticated client.
+    """
+    if not config.enable.constant or command not in _ORDER:
+        return False
+    for stage in config.stages:
+        if stage == "auth" and not authenticated:
+            continue
+        if _ORDER[STAGE_COMMAND[stage]] <= _ORDER[command]:
+            return True
+    return False
+
+
+@dataclass
+class History:
+    """The envelope commands so far, with their macros, for replay to late joiners."""
+
+    connect: Step | None = None
+    helo: Step | None = None
+    mail: Step | None = None
+    recipients: list[Step] = field(default_factory=list)
+
+    def before(self, command: type[Command]) -> list[Step]:
+        """What a milter joining at ``command`` must be told first, in session order."""
+        steps: list[Step] = []
+        position = _ORDER.get(command, len(_ORDER))
+        if self.connect is not None and position > _ORDER[Connect]:
+            steps.append(self.connect)
+        if self.helo is not None and position > _ORDER[Helo]:
+            steps.append(self.helo)
+        if self.mail is not None and position > _ORDER[Mail]:
+            steps.append(self.mail)
+            steps.extend(self.recipients)
+        return steps
+
+    def new_message(self) -> None:
+        self.mail = None
+        self.recipients.clear()
+
+
+@dataclass
+class FilterSlot:
+    """One configured milter within one MTA connection."""
+
+    config: MilterFilter
+    endpoint: UpstreamEndpoint
+    client: UpstreamMilter | None = None
+    #: Left the session after an error with tempFailOnError = false.
+    gone: bool = False
+    #: The answer it gives at every later stage of the connection (an error with
+    #: tempFailOnError = true, or a refused replay of CONNECT/HELO).
+    sticky: Reply | None = None
+    #: The same, for the current message only (a refused replay of MAIL).
+    sticky_message: Reply | None = None
+    #: Recipients it refused while being replayed: deleted at end-of-message.
+    refused_recipients: list[bytes] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def joined(self) -> bool:
+        return self.client is not None
+
+    def live(self) -> UpstreamMilter | None:
+        """The client, when this milter is still to be asked at the next command."""
+        client = self.client
+        if client is None or client.closed or client.done_for_connection:
+            return None
+        return client
+
+    def reset_message(self) -> None:
+        self.sticky_message = None
+        self.refused_recipients.clear()
+
+
+def build_slots(filters: Sequence[MilterFilter]) -> list[FilterSlot]:
+    return [FilterSlot(config, endpoint_of(config)) for config in filters]
+
+
+OptionsCache = dict[str, Negotiated]
