@@ -402,7 +402,13 @@ class MtaSession:
         )
         merged = merge_edits(original, per_filter)
         for conflict in merged.conflicts:
-            log.info("merge_conflict", kind=conflict.kind.value, detail=str(conflict))
+            log.info(
+                "merge_conflict",
+                kind=conflict.kind.value,
+                filters=list(conflict.filters),
+                winner=conflict.filters[-1],
+                header=conflict.subject.decode("ascii", "replace") or None,
+            )
         return list(merged.script)
 
     # --- abort and close ----------------------------------------------------------------

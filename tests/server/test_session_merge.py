@@ -1,0 +1,79 @@
+"""Two milters editing the same message: the session sends one merged script, logs conflicts."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+from structlog.testing import capture_logs
+
+from milterbridge.milter import (
+    ALL_ACTIONS,
+    ALL_PROTOCOL,
+    AddHeader,
+    ChangeHeader,
+    Connection,
+    Continue,
+    EndOfMessage,
+    OptNeg,
+    Quit,
+    Reply,
+    Role,
+)
+from milterbridge.server.session import MtaSession
+from milterbridge.transport import MilterStream
+from tests.fake_upstream import Peer, fake_upstream
+
+from .test_session_faults import MESSAGE, _filter
+
+
+def editor(*edits: Reply) -> object:
+    async def script(peer: Peer) -> None:
+        await peer.negotiate()
+        while True:
+            message = await peer.receive()
+            if isinstance(message, Quit):
+                return
+            if isinstance(message, EndOfMessage):
+                await peer.reply(*edits, Continue())
+            elif peer.codec.awaiting is not None:
+                await peer.reply(Continue())
+
+    return script
+
+
+async def test_two_filters_changing_one_header_later_wins(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Both change Subject: the later filter's value goes out once; a conflict is logged."""
+    first = editor(ChangeHeader(1, b"Subject", b"first"), AddHeader(b"X-One", b"1"))
+    second = editor(ChangeHeader(1, b"Subject", b"second"), AddHeader(b"X-Two", b"2"))
+    async with fake_upstream(first) as one, fake_upstream(second) as two:  # type: ignore[arg-type]
+        filters = [_filter("one", one.port, True), _filter("two", two.port, True)]
+        mta_stream, session_stream = trio.testing.memory_stream_pair()
+        session = MtaSession(session_stream, max_packet=1 << 20, session_id="s", filters=filters)
+        mta = MilterStream(mta_stream, Connection(Role.MTA))
+        eom_replies: list[Reply] = []
+        with capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.run)
+                await mta.send(OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL))
+                await mta.receive()
+                for command in MESSAGE:
+                    await mta.send(command)
+                    while mta.connection.awaiting is not None:
+                        reply = await mta.receive()
+                        assert isinstance(reply, Reply)
+                        if isinstance(command, EndOfMessage):
+                            eom_replies.append(reply)
+                await mta.send(Quit())
+                await mta_stream.aclose()
+    assert eom_replies == [
+        ChangeHeader(1, b"Subject", b"second"),
+        AddHeader(b"X-One", b"1"),
+        AddHeader(b"X-Two", b"2"),
+        Continue(),
+    ]
+    (conflict,) = [line for line in logs if line["event"] == "merge_conflict"]
+    assert conflict["kind"] == "header"
+    assert conflict["winner"] == "two"
+    assert conflict["header"] == "Subject"
