@@ -128,6 +128,23 @@ def bridge_macros(filters: Sequence[Negotiated | None]) -> dict[MacroStage, byte
     return lists
 
 
+#: Protocol capabilities the bridge never requests from the MTA, so it must not offer them on.
+NOT_FORWARDED = Protocol.HDR_LEADSPC | Protocol.RCPT_REJ
+
+
+def offer_for_upstreams(offer: OptNeg, negotiated: Negotiated) -> OptNeg:
+    """What the milters of this session are offered: what the bridge can forward.
+
+    Only the actions the MTA granted the bridge (an edit the MTA did not grant cannot be
+    forwarded), the version agreed with the MTA, and the MTA's protocol offer without the
+    capabilities the bridge does not translate (header leading space, rejected recipients).
+    SETSYMLIST stays when the MTA offered it: it only shapes what a milter is sent.
+    """
+    actions = negotiated.actions | (offer.actions & Action.SETSYMLIST)
+    protocol = Protocol(int(offer.protocol) & ~int(NOT_FORWARDED))
+    return OptNeg(negotiated.version, actions, protocol)
+
+
 def answer_mta(offer: OptNeg, filters: Sequence[Negotiated | None]) -> OptNegReply:
     """The bridge's OPTNEG answer to the MTA, given every configured milter's cached options."""
     return answer_offer(

@@ -63,7 +63,7 @@ from ..milter import (
 from ..transport import MilterStream
 from ..upstream import UpstreamFailure, UpstreamMilter, connect_upstream
 from .filters import FilterSlot, History, OptionsCache, build_slots, joins_at
-from .options import answer_mta
+from .options import answer_mta, offer_for_upstreams
 
 log = structlog.get_logger("milterbridge.session")
 
@@ -237,9 +237,12 @@ class MtaSession:
             raise CloseMta(f"no filter could be joined ({', '.join(s.name for s in failed)})")
 
     async def _join_one(self, slot: FilterSlot, command: type[Command]) -> None:
-        assert self.offer is not None
+        negotiated = self.milter.connection.negotiated
+        assert self.offer is not None and negotiated is not None
         try:
-            client = await connect_upstream(slot.endpoint, self.offer)
+            client = await connect_upstream(
+                slot.endpoint, offer_for_upstreams(self.offer, negotiated)
+            )
         except UpstreamFailure as failure:
             self._failed(slot, failure)
             return

@@ -12,7 +12,7 @@ from milterbridge.milter import (
     Protocol,
     agree,
 )
-from milterbridge.server.options import POSTFIX_DEFAULT_MACROS, answer_mta
+from milterbridge.server.options import POSTFIX_DEFAULT_MACROS, answer_mta, offer_for_upstreams
 
 POSTFIX = OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL)
 
@@ -91,3 +91,14 @@ def test_answer_is_narrowed_to_an_old_mta() -> None:
     assert reply.version == 2
     assert reply.actions == Action.ADDHDRS
     assert agree(old, reply).version == 2
+
+
+def test_milters_are_offered_only_what_the_bridge_can_forward() -> None:
+    """The MTA's grant of actions and version; no leading-space or rejected-recipient bits."""
+
+    granted = Negotiated(6, Action.ADDHDRS | Action.CHGBODY, Protocol.SKIP)
+    offer = offer_for_upstreams(POSTFIX, granted)
+    assert offer.version == 6
+    assert offer.actions == Action.ADDHDRS | Action.CHGBODY | Action.SETSYMLIST
+    assert not offer.protocol & (Protocol.HDR_LEADSPC | Protocol.RCPT_REJ)
+    assert offer.protocol & Protocol.NR_HDR and offer.protocol & Protocol.SKIP
