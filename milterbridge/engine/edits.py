@@ -38,11 +38,13 @@ and no packet over CHUNK_SIZE.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..milter import (
     CHUNK_SIZE,
+    EDIT_REPLIES,
     AddHeader,
     AddRcpt,
     AddRcptPar,
@@ -69,17 +71,8 @@ Edit = (
     | ReplaceBody
     | Quarantine
 )
-EDITS: tuple[type[Edit], ...] = (
-    AddHeader,
-    InsertHeader,
-    ChangeHeader,
-    AddRcpt,
-    AddRcptPar,
-    DelRcpt,
-    ChangeFrom,
-    ReplaceBody,
-    Quarantine,
-)
+EDITS: tuple[type[Edit], ...] = typing.get_args(Edit)
+assert set(EDITS) == set(EDIT_REPLIES), "Edit must name exactly the codec's edit packets"
 
 #: Postfix keeps this many bytes of a quarantine reason (milter8.c).
 QUARANTINE_REASON_MAX = 100

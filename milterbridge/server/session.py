@@ -32,7 +32,14 @@ import trio
 from ..config import MilterFilter
 from ..engine.apply import MessageState
 from ..engine.edits import merge_edits
-from ..engine.verdicts import STAGE_REPLIES, Stage, StageReply, StageResult, merge_stage
+from ..engine.verdicts import (
+    STAGE_REPLIES,
+    Stage,
+    StageReply,
+    StageResult,
+    Verdict,
+    merge_stage,
+)
 from ..milter import (
     CLOSED,
     Abort,
@@ -57,6 +64,7 @@ from ..milter import (
     Rcpt,
     Reply,
     Role,
+    Skip,
     Tempfail,
     Unknown,
 )
@@ -349,6 +357,10 @@ class MtaSession:
         )
         negotiated = self.milter.connection.negotiated
         skip_allowed = negotiated is not None and negotiated.skip
+        if stage is Stage.BODY and skip_allowed and not replies:
+            targets = self._targets(message=True, body=True)
+            if not any(client.negotiated.sends(Body) for _, client in targets):
+                return await self._send_if_awaited(StageResult(Skip(), Verdict.SKIP))
         result = merge_stage(
             stage,
             replies,
@@ -359,6 +371,10 @@ class MtaSession:
             ),
             skip_allowed=skip_allowed,
         )
+        return await self._send_if_awaited(result)
+
+    async def _send_if_awaited(self, result: StageResult) -> StageResult:
+        """Answer the MTA unless it negotiated no reply for this step."""
         if self.milter.connection.awaiting is not None:
             await self.milter.send(result.reply)
         return result

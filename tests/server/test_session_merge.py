@@ -10,14 +10,17 @@ from milterbridge.milter import (
     ALL_ACTIONS,
     ALL_PROTOCOL,
     AddHeader,
+    Body,
     ChangeHeader,
     Connection,
     Continue,
     EndOfMessage,
     OptNeg,
+    Protocol,
     Quit,
     Reply,
     Role,
+    Skip,
 )
 from milterbridge.server.session import MtaSession
 from milterbridge.transport import MilterStream
@@ -77,3 +80,41 @@ async def test_two_filters_changing_one_header_later_wins(
     assert conflict["kind"] == "header"
     assert conflict["winner"] == "two"
     assert conflict["header"] == "Subject"
+
+
+async def test_skip_reaches_the_mta_when_no_filter_wants_more_body(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """One filter skips, the other declined the body: the MTA is told to skip at once."""
+
+    async def skipper(peer: Peer) -> None:
+        await peer.negotiate(Protocol.SKIP)
+        while not isinstance(message := await peer.receive(), Quit):
+            if peer.codec.awaiting is not None:
+                await peer.reply(Skip() if isinstance(message, Body) else Continue())
+
+    async def no_body(peer: Peer) -> None:
+        await peer.negotiate(Protocol.NOBODY)
+        while not isinstance(await peer.receive(), Quit):
+            if peer.codec.awaiting is not None:
+                await peer.reply(Continue())
+
+    async with fake_upstream(skipper) as one, fake_upstream(no_body) as two:
+        filters = [_filter("one", one.port, True), _filter("two", two.port, True)]
+        mta_stream, session_stream = trio.testing.memory_stream_pair()
+        session = MtaSession(session_stream, max_packet=1 << 20, session_id="s", filters=filters)
+        mta = MilterStream(mta_stream, Connection(Role.MTA))
+        answers: list[Reply] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run)
+            await mta.send(OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL))
+            await mta.receive()
+            for command in MESSAGE:
+                await mta.send(command)
+                while mta.connection.awaiting is not None:
+                    reply = await mta.receive()
+                    assert isinstance(reply, Reply)
+                    answers.append(reply)
+            await mta.send(Quit())
+            await mta_stream.aclose()
+    assert answers[-2:] == [Skip(), Continue()]
