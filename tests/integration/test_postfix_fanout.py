@@ -176,3 +176,33 @@ def test_reject_at_end_of_headers_with_custom_code(tmp_path: Path) -> None:
         assert result.data is not None
         assert result.data.code == 554
         assert "5.7.1 content rejected" in result.data.text
+
+
+def test_several_messages_and_rset_in_one_session(tmp_path: Path) -> None:
+    """Two messages and an RSET on one SMTP connection: each message gets every filter's edits
+    once, and the milters' connections are reused for the second message."""
+    adder = {"eom_edits": [["addheader", "X-Seen", "yes"]]}
+    with chain(tmp_path, [("adder", adder, ALL_STAGES), ("rewriter", REWRITER, ["data"])]) as (
+        postfix,
+        bridge,
+        processes,
+    ):
+        with postfix.session() as smtp:
+            for number in range(2):
+                headers = [*HEADERS[:4], ("Message-Id", f"<m{number}@sender.test>"), HEADERS[5]]
+                result = smtp.send(
+                    "a@sender.test", ["b@rcpt.test"], make_message(headers, b"x\r\n")
+                )
+                assert result.accepted, result
+                assert smtp.command("MAIL", "FROM:<a@sender.test>").ok
+                assert smtp.rset().ok
+            smtp.quit()
+        delivered = postfix.wait_delivered(2)
+        (end,) = bridge.wait_for("session_end")
+        adder_connections = {r["conn"] for r in processes[0].events("connect")}
+    assert end["messages"] == 2
+    assert len(adder_connections) == 1
+    for message in delivered:
+        assert [v for n, v in message.headers if n == "X-Seen"] == ["yes"]
+        assert [v for n, v in message.headers if n == "X-Rewriter"] == ["yes"]
+        assert message.body == generated_body(70000, "B")

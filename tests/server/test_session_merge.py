@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import msgspec
 import trio
 import trio.testing
 from structlog.testing import capture_logs
 
+from milterbridge.durations import Duration
 from milterbridge.milter import (
     ALL_ACTIONS,
     ALL_PROTOCOL,
@@ -16,6 +18,7 @@ from milterbridge.milter import (
     Continue,
     EndOfMessage,
     OptNeg,
+    Progress,
     Protocol,
     Quit,
     Reply,
@@ -118,3 +121,40 @@ async def test_skip_reaches_the_mta_when_no_filter_wants_more_body(
             await mta.send(Quit())
             await mta_stream.aclose()
     assert answers[-2:] == [Skip(), Continue()]
+
+
+async def test_progress_keeps_the_mta_waiting_at_end_of_message(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A filter thinking for 10 s at end-of-message: the MTA hears PROGRESS every 3 s."""
+
+    async def slow(peer: Peer) -> None:
+        await peer.negotiate()
+        while not isinstance(message := await peer.receive(), Quit):
+            if isinstance(message, EndOfMessage):
+                await trio.sleep(10)
+            if peer.codec.awaiting is not None:
+                await peer.reply(Continue())
+
+    async with fake_upstream(slow) as one:
+        filters = [
+            msgspec.structs.replace(_filter("slow", one.port, True), timeout_data=Duration(20))
+        ]
+        mta_stream, session_stream = trio.testing.memory_stream_pair()
+        session = MtaSession(session_stream, max_packet=1 << 20, session_id="s", filters=filters)
+        mta = MilterStream(mta_stream, Connection(Role.MTA))
+        eom: list[Reply] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run)
+            await mta.send(OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL))
+            await mta.receive()
+            for command in MESSAGE:
+                await mta.send(command)
+                while mta.connection.awaiting is not None:
+                    reply = await mta.receive()
+                    assert isinstance(reply, Reply)
+                    if isinstance(command, EndOfMessage):
+                        eom.append(reply)
+            await mta.send(Quit())
+            await mta_stream.aclose()
+    assert eom == [Progress(), Progress(), Progress(), Continue()]
