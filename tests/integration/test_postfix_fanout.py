@@ -206,3 +206,19 @@ def test_several_messages_and_rset_in_one_session(tmp_path: Path) -> None:
         assert [v for n, v in message.headers if n == "X-Seen"] == ["yes"]
         assert [v for n, v in message.headers if n == "X-Rewriter"] == ["yes"]
         assert message.body == generated_body(70000, "B")
+
+
+def test_late_joiner_refusing_a_replayed_recipient_removes_it(tmp_path: Path) -> None:
+    """A milter joining at DATA refuses one replayed recipient: it is deleted at end-of-message
+    and the others are delivered (design §8: a replayed command's reply counts now)."""
+    picky = {"replies": {"rcpt": {"<c@rcpt.test>": "reject"}}}
+    with chain(tmp_path, [("picky", picky, ["data"])]) as (postfix, _, processes):
+        result = postfix.send(
+            "a@sender.test", ["b@rcpt.test", "c@rcpt.test"], make_message(HEADERS, b"x\r\n")
+        )
+        assert [r.code for r in result.rcpts] == [250, 250]
+        assert result.accepted, result
+        (delivered,) = postfix.wait_delivered(1)
+        replayed = [r["rcpt"] for r in processes[0].events("rcpt")]
+    assert replayed == ["<b@rcpt.test>", "<c@rcpt.test>"]
+    assert list(delivered.recipients) == ["b@rcpt.test"]
