@@ -197,7 +197,7 @@ class MtaSession:
             lambda client: client.command(macro, command), message=_in_message(command)
         )
         result = await self._answer(Stage.of(type(command)), outcomes)
-        if isinstance(command, Rcpt) and (result is None or not result.recipient_only):
+        if isinstance(command, Rcpt) and not result.recipient_only:
             self.history.recipients.append((macro, command))
 
     def _remember(self, macro: Macro | None, command: Command) -> None:
@@ -323,8 +323,12 @@ class MtaSession:
                 outcomes[slot.name] = failure
                 self._failed(slot, failure)
 
+        targets = self._targets(message, body)
+        if len(targets) == 1:  # the common case needs no task of its own
+            await ask(*targets[0])
+            return outcomes
         async with trio.open_nursery() as nursery:
-            for slot, client in self._targets(message, body):
+            for slot, client in targets:
                 nursery.start_soon(ask, slot, client)
         return outcomes
 
