@@ -257,6 +257,10 @@ class MtaSession:
         slot.client = client
         self.cache[slot.name] = client.negotiated
         for macro, replayed in self.history.before(command):
+            if client.done_for_connection or (
+                client.done_for_message and not isinstance(replayed, Mail)
+            ):
+                return  # its answer so far ended its part: libmilter would drop the rest
             try:
                 replies = await client.command(macro, replayed)
             except UpstreamFailure as failure:

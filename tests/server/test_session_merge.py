@@ -11,12 +11,14 @@ from milterbridge.durations import Duration
 from milterbridge.milter import (
     ALL_ACTIONS,
     ALL_PROTOCOL,
+    Accept,
     AddHeader,
     Body,
     ChangeHeader,
     Connection,
     Continue,
     EndOfMessage,
+    Mail,
     OptNeg,
     Progress,
     Protocol,
@@ -158,3 +160,38 @@ async def test_progress_keeps_the_mta_waiting_at_end_of_message(
             await mta.send(Quit())
             await mta_stream.aclose()
     assert eom == [Progress(), Progress(), Progress(), Continue()]
+
+
+async def test_late_joiner_accepting_the_replayed_sender_gets_nothing_more(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """ACCEPT to a replayed MAIL ends its part: the rest is not replayed, the message goes on."""
+    seen: list[str] = []
+
+    async def accepter(peer: Peer) -> None:
+        await peer.negotiate()
+        while not isinstance(message := await peer.receive(), Quit):
+            seen.append(type(message).__name__)
+            if peer.codec.awaiting is not None:
+                await peer.reply(Accept() if isinstance(message, Mail) else Continue())
+
+    async with fake_upstream(accepter) as one:
+        config = msgspec.structs.replace(_filter("late", one.port, True), stages=["data"])
+        mta_stream, session_stream = trio.testing.memory_stream_pair()
+        session = MtaSession(session_stream, max_packet=1 << 20, session_id="s", filters=[config])
+        mta = MilterStream(mta_stream, Connection(Role.MTA))
+        answers: list[Reply] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run)
+            await mta.send(OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL))
+            await mta.receive()
+            for command in MESSAGE:
+                await mta.send(command)
+                while mta.connection.awaiting is not None:
+                    reply = await mta.receive()
+                    assert isinstance(reply, Reply)
+                    answers.append(reply)
+            await mta.send(Quit())
+            await mta_stream.aclose()
+    assert seen == ["Connect", "Helo", "Mail"]
+    assert answers[-1] == Continue()
