@@ -104,6 +104,7 @@ class SessionStats:
 
 
 Outcome = list[Reply] | UpstreamFailure
+_ALL_CONTINUE = StageResult(Continue(), Verdict.CONTINUE)
 _Call = Callable[[UpstreamMilter], Awaitable[list[Reply]]]
 _Target = tuple[FilterSlot, UpstreamMilter]
 
@@ -357,23 +358,26 @@ class MtaSession:
     async def _answer(self, stage: Stage, outcomes: dict[str, Outcome]) -> StageResult:
         """Merge the stage's replies and answer the MTA, if it waits for an answer."""
         replies = self._stage_replies(outcomes)
-        answered = {name for name, _ in replies}
-        others = any(
-            slot.name not in answered and (slot.live() is not None or not slot.joined)
-            for slot in self.slots
-            if not slot.gone
-        )
+        if replies and all(type(reply) is Continue for _, reply in replies):
+            return await self._send_if_awaited(_ALL_CONTINUE)  # the common case, decided
         negotiated = self.milter.connection.negotiated
         skip_allowed = negotiated is not None and negotiated.skip
         if stage is Stage.BODY and skip_allowed and not replies:
             targets = self._targets(message=True, body=True)
             if not any(client.negotiated.sends(Body) for _, client in targets):
                 return await self._send_if_awaited(StageResult(Skip(), Verdict.SKIP))
+        answered = {name for name, _ in replies}
+        others = any(
+            slot.name not in answered and (slot.live() is not None or not slot.joined)
+            for slot in self.slots
+            if not slot.gone
+        )
         result = merge_stage(
             stage,
             replies,
             others_active=others,
-            others_want_body=any(
+            others_want_body=stage is Stage.BODY
+            and any(
                 not c.skipping_body and c.negotiated.no_reply(Body)
                 for _, c in self._targets(message=True)
             ),
