@@ -157,7 +157,8 @@ class MtaSession:
             event = await self.milter.receive()
             if event is CLOSED:
                 return
-            self.stats.commands += 1
+            if not isinstance(event, Macro):
+                self.stats.commands += 1
             match event:
                 case OptNeg():
                     self.offer = event
