@@ -60,8 +60,7 @@ async def probe_filters(filters: list[MilterFilter], cache: OptionsCache) -> Non
 
     async with trio.open_nursery() as nursery:
         for config in filters:
-            if config.enable.constant:
-                nursery.start_soon(probe, config)
+            nursery.start_soon(probe, config)
 
 
 async def serve(

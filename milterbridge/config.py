@@ -7,14 +7,17 @@ or no file at all -- is the embedded default: listen on inet:127.0.0.1:8899, no 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Final, Literal
 
 import msgspec
 
 from .durations import Duration, Size, dec_hook
+from .expr import CompiledRules, RuleError, compile_rules
 from .listeners import ListenerSpecError, parse_listener
 from .milter.constants import ALL_ACTIONS, ALL_PROTOCOL, Protocol
 
@@ -86,33 +89,31 @@ class ExpressionMatch(Base, frozen=True):
 
 class Expression(Base, frozen=True):
     """``{match = [{if = ..., then = ...}, ...], else = ...}``: the first rule whose ``if`` holds
-    gives the value, else ``else`` does.
-
-    Until the expression language lands only constants are accepted: no ``match`` rules and
-    ``else`` either ``"true"`` or ``"false"``.
+    gives the value, else ``else`` does. Every part is an expression of the ``enable`` language
+    (milterbridge/expr), compiled once when the file is loaded; an error points at the part.
     """
 
     else_: str = msgspec.field(name="else")
     match: list[ExpressionMatch] = []
 
     def __post_init__(self) -> None:
-        if self.match:
-            raise _KeyProblem(
-                "match",
-                "conditions are not supported yet (expressions arrive in a later version); "
-                'for now use a constant: {else = "true"} or {else = "false"}',
-            )
-        if self.else_ not in ("true", "false"):
-            raise _KeyProblem(
-                "else",
-                f"{self.else_!r} is an expression, and expressions arrive in a later version; "
-                'for now only the constants "true" and "false" are accepted',
-            )
+        try:
+            self.compiled()
+        except RuleError as exc:
+            raise _KeyProblem(exc.location, f"{exc.message}\n{exc.caret()}") from None
 
-    @property
-    def constant(self) -> bool:
-        """The value of a constant expression (the only kind accepted for now)."""
-        return self.else_ == "true"
+    def compiled(self) -> CompiledRules:
+        """The compiled rules (compiled once per distinct expression, then cached)."""
+        return _compile_rules(tuple((m.if_, m.then) for m in self.match), self.else_)
+
+    def evaluate(self, variables: Mapping[str, str | list[str]]) -> bool:
+        """Whether the filter is enabled with these session variables (unknown ones empty)."""
+        return self.compiled().evaluate(variables)
+
+
+@functools.lru_cache(maxsize=1024)
+def _compile_rules(match: tuple[tuple[str, str], ...], else_: str) -> CompiledRules:
+    return compile_rules(match, else_)
 
 
 def _always() -> Expression:

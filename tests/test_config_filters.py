@@ -65,7 +65,7 @@ def test_milter_defaults_match_the_reference_object() -> None:
     assert milter.flags_action is None
     assert milter.flags_protocol is None
     assert milter.enable == Expression(else_="true")
-    assert milter.enable.constant is True
+    assert milter.enable.evaluate({}) is True
     assert milter == MilterFilter(name="a", hostname="h")
 
 
@@ -110,7 +110,7 @@ def test_every_milter_key_is_read() -> None:
         flags_protocol=0x301FFFFF,
         enable=Expression(else_="false"),
     )
-    assert milter.enable.constant is False
+    assert milter.enable.evaluate({}) is False
 
 
 def test_unix_path_replaces_hostname() -> None:
@@ -261,13 +261,11 @@ M = '[[milter]]\nname = "a"\nhostname = "h"\n'
         (M + "enable = { else = true }\n", "milter[0].enable.else: Expected `str`, got `bool`"),
         (
             M + 'enable = { else = "TRUE" }\n',
-            "milter[0].enable.else: 'TRUE' is an expression, and expressions arrive in a later "
-            'version; for now only the constants "true" and "false" are accepted',
+            "milter[0].enable.else: unknown variable 'TRUE'\n    TRUE\n    ~~~^",
         ),
         (
-            M + 'enable = { match = [{ if = "is_tls", then = "true" }], else = "false" }\n',
-            "milter[0].enable.match: conditions are not supported yet (expressions arrive in a "
-            'later version); for now use a constant: {else = "true"} or {else = "false"}',
+            M + 'enable = { match = [{ if = "is_tls &&", then = "true" }], else = "false" }\n',
+            "milter[0].enable.match[0].if: expected a value at the end of the expression",
         ),
         (
             M + 'enable = { match = [{ if = "x" }], else = "false" }\n',
@@ -295,18 +293,35 @@ def test_milter_errors_name_the_key_path(text: str, message: str) -> None:
 
 @pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False)])
 def test_enable_constant(value: str, expected: bool) -> None:
-    """`enable` takes the constants "true" and "false", exposed as a bool."""
+    """`enable` takes the constants "true" and "false"."""
     milter = _one(f'enable = {{ else = "{value}" }}\n')
-    assert milter.enable.constant is expected
+    assert milter.enable.evaluate({}) is expected
     assert milter.enable.match == []
 
 
-def test_expression_refused_when_built_in_python() -> None:
-    """The constant-only rule also holds for Expressions built in code (e.g. by the API)."""
-    with pytest.raises(ValueError, match="expressions arrive in a later version"):
-        Expression(else_="remote_ip == '1.2.3.4'")
-    with pytest.raises(ValueError, match="conditions are not supported yet"):
-        Expression(else_="true", match=[ExpressionMatch(if_="is_tls", then="false")])
+def test_enable_rules_are_evaluated_against_session_variables() -> None:
+    """The first matching `if` decides, else `else`; unknown variables are empty."""
+    milter = _one(
+        "enable = { match = ["
+        '{ if = "is_ip_in_cidr(remote_ip, \'10.0.0.0/8\')", then = "false" }, '
+        '{ if = "sender_domain == \'example.org\'", then = "true" }'
+        '], else = "false" }\n'
+    )
+    assert (
+        milter.enable.evaluate({"remote_ip": "10.1.2.3", "sender_domain": "example.org"}) is False
+    )
+    assert (
+        milter.enable.evaluate({"remote_ip": "192.0.2.1", "sender_domain": "example.org"}) is True
+    )
+    assert milter.enable.evaluate({}) is False
+
+
+def test_expression_errors_when_built_in_python() -> None:
+    """Expressions built in code (e.g. by the admin API) are compiled and checked too."""
+    with pytest.raises(ValueError, match="unknown variable"):
+        Expression(else_="remote_adress == '1.2.3.4'")
+    with pytest.raises(ValueError, match="unknown function"):
+        Expression(else_="true", match=[ExpressionMatch(if_="is_spam()", then="false")])
 
 
 def test_direct_construction_runs_the_same_checks() -> None:
@@ -496,7 +511,11 @@ def test_configuration_reference_covers_every_key(tmp_path: Path) -> None:
     for struct in (ServerConfig, MilterFilter):
         for field in msgspec.structs.fields(struct):
             assert f"| `{field.encode_name}` |" in doc, field.encode_name
-    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    blocks = [block.split("```", 1)[0] for block in doc.split("```toml\n")[1:]]
+    (example,) = [block for block in blocks if "[[milter]]" in block]
     path = tmp_path / "example.toml"
     path.write_text(example)
     assert [milter.name for milter in load_config(path).milter] == ["rspamd", "opendkim"]
+    (rules,) = [block for block in blocks if block.startswith("enable")]
+    path.write_text(f'[[milter]]\nname = "x"\nhostname = "h"\n{rules}')
+    assert load_config(path).milter[0].enable.evaluate({"sender_domain": "vip.example"})

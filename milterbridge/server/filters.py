@@ -10,7 +10,7 @@ gets every later event.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..config import MilterFilter
@@ -50,20 +50,26 @@ def endpoint_of(config: MilterFilter) -> UpstreamEndpoint:
     )
 
 
-def joins_at(config: MilterFilter, command: type[Command], authenticated: bool) -> bool:
+def joins_at(
+    config: MilterFilter,
+    command: type[Command],
+    authenticated: bool,
+    variables: Mapping[str, str | list[str]],
+) -> bool:
     """Whether a milter that has not joined yet joins at this envelope command.
 
-    It joins at the first of its stages reached; a stage the session has passed without it
-    (because the MTA was not asked for that step) is caught up at the next command. The ``auth``
-    stage counts only for an authenticated client.
+    It joins at the first of its stages reached at which its ``enable`` holds, with the
+    variables known at that point; a stage the session has passed without it (because the MTA
+    was not asked for that step) is caught up at the next command. The ``auth`` stage counts only
+    for an authenticated client.
     """
-    if not config.enable.constant or command not in _ORDER:
+    if command not in _ORDER:
         return False
     for stage in config.stages:
         if stage == "auth" and not authenticated:
             continue
         if _ORDER[STAGE_COMMAND[stage]] <= _ORDER[command]:
-            return True
+            return config.enable.evaluate(variables)
     return False
 
 

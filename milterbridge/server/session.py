@@ -72,6 +72,7 @@ from ..transport import MilterStream
 from ..upstream import UpstreamFailure, UpstreamMilter, connect_upstream
 from .filters import FilterSlot, History, OptionsCache, build_slots, joins_at
 from .options import answer_mta, offer_for_upstreams
+from .variables import session_variables
 
 log = structlog.get_logger("milterbridge.session")
 
@@ -131,6 +132,8 @@ class MtaSession:
         self.macro: Macro | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.authenticated = False
+        #: Every macro the MTA sent in this connection, the latest value of each (for enable).
+        self.macros: dict[str, str] = {}
 
     async def run(self) -> None:
         """Serve the connection until it ends; never raises for a peer's misbehaviour."""
@@ -166,6 +169,8 @@ class MtaSession:
                     await self.milter.send(answer_mta(event, options))
                 case Macro():
                     self.macro = event
+                    for name, value in event.macros:
+                        self.macros[_macro_name(name)] = value.decode("utf-8", "replace")
                     continue
                 case Quit():
                     self.stats.outcome = "quit"
@@ -229,13 +234,16 @@ class MtaSession:
 
     async def _join(self, command: type[Command]) -> None:
         """Connect the milters that join at this command and replay what they missed."""
+        candidates = [
+            slot for slot in self.slots if not slot.joined and not slot.gone and slot.sticky is None
+        ]
+        if not candidates:
+            return
+        variables = session_variables(self.history, self.macros)
         joining = [
             slot
-            for slot in self.slots
-            if not slot.joined
-            and not slot.gone
-            and slot.sticky is None
-            and joins_at(slot.config, command, self.authenticated)
+            for slot in candidates
+            if joins_at(slot.config, command, self.authenticated, variables)
         ]
         if not joining:
             return
@@ -478,6 +486,11 @@ class MtaSession:
             error=stats.error,
             duration=round(trio.current_time() - stats.started, 6),
         )
+
+
+def _macro_name(name: bytes) -> str:
+    """``{auth_authen}`` and ``auth_authen`` name the same macro."""
+    return name.decode("ascii", "replace").removeprefix("{").removesuffix("}")
 
 
 def _in_message(command: Command) -> bool:

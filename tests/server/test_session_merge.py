@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import msgspec
+import pytest
 import trio
 import trio.testing
 from structlog.testing import capture_logs
 
+from milterbridge.config import Expression, ExpressionMatch
 from milterbridge.durations import Duration
 from milterbridge.milter import (
     ALL_ACTIONS,
@@ -31,7 +33,7 @@ from milterbridge.server.session import MtaSession
 from milterbridge.transport import MilterStream
 from tests.fake_upstream import Peer, fake_upstream
 
-from .test_session_faults import MESSAGE, _filter
+from .test_session_faults import MESSAGE, _filter, healthy
 
 
 def editor(*edits: Reply) -> object:
@@ -195,3 +197,32 @@ async def test_late_joiner_accepting_the_replayed_sender_gets_nothing_more(
             await mta_stream.aclose()
     assert seen == ["Connect", "Helo", "Mail"]
     assert answers[-1] == Continue()
+
+
+@pytest.mark.parametrize(("sender", "joins"), [(b"<a@x.test>", True), (b"<a@other.test>", False)])
+async def test_enable_expression_decides_whether_a_filter_joins(
+    sender: bytes, joins: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A filter enabled only for one sender domain is contacted only for that sender."""
+    async with fake_upstream(healthy) as one:
+        config = msgspec.structs.replace(
+            _filter("picky", one.port, True),
+            stages=["mail"],
+            enable=Expression(
+                else_="false", match=[ExpressionMatch(if_="sender_domain == 'x.test'", then="true")]
+            ),
+        )
+        mta_stream, session_stream = trio.testing.memory_stream_pair()
+        session = MtaSession(session_stream, max_packet=1 << 20, session_id="s", filters=[config])
+        mta = MilterStream(mta_stream, Connection(Role.MTA))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run)
+            await mta.send(OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL))
+            await mta.receive()
+            for command in [*MESSAGE[:2], Mail(sender), *MESSAGE[3:]]:
+                await mta.send(command)
+                while mta.connection.awaiting is not None:
+                    await mta.receive()
+            await mta.send(Quit())
+            await mta_stream.aclose()
+        assert one.finished.is_set() is joins
