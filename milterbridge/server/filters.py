@@ -73,6 +73,14 @@ def joins_at(
     return False
 
 
+def listed_at(config: MilterFilter, command: type[Command], authenticated: bool) -> bool:
+    """Whether this command is one of the milter's listed stages (``auth``: authenticated MAIL)."""
+    return any(
+        STAGE_COMMAND[stage] is command and (stage != "auth" or authenticated)
+        for stage in config.stages
+    )
+
+
 @dataclass
 class History:
     """The envelope commands so far, with their macros, for replay to late joiners."""
@@ -116,6 +124,8 @@ class FilterSlot:
     sticky_message: Reply | None = None
     #: Recipients it refused while being replayed: deleted at end-of-message.
     refused_recipients: list[bytes] = field(default_factory=list)
+    #: Its ``enable`` turned false at a later listed stage: out of this message.
+    left_message: bool = False
 
     @property
     def name(self) -> str:
@@ -135,6 +145,7 @@ class FilterSlot:
     def reset_message(self) -> None:
         self.sticky_message = None
         self.refused_recipients.clear()
+        self.left_message = False
 
 
 def build_slots(filters: Sequence[MilterFilter]) -> list[FilterSlot]:

@@ -23,7 +23,7 @@ Exactly one ``session_end`` line is logged.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -70,7 +70,7 @@ from ..milter import (
 )
 from ..transport import MilterStream
 from ..upstream import UpstreamFailure, UpstreamMilter, connect_upstream
-from .filters import FilterSlot, History, OptionsCache, build_slots, joins_at
+from .filters import FilterSlot, History, OptionsCache, build_slots, joins_at, listed_at
 from .options import answer_mta, offer_for_upstreams
 from .variables import session_variables
 
@@ -199,7 +199,10 @@ class MtaSession:
         macro = self._take_macro()
         self._remember(macro, command)
         if isinstance(command, Connect | Helo | Mail | Rcpt | Data):
-            await self._join(type(command))
+            current = command if isinstance(command, Rcpt) else None
+            await self._join(type(command), current)
+            if isinstance(command, Mail | Rcpt | Data):
+                await self._leave(type(command), current)
         outcomes = await self._fan_out(
             lambda client: client.command(macro, command), message=_in_message(command)
         )
@@ -232,14 +235,14 @@ class MtaSession:
 
     # --- joining ------------------------------------------------------------------------
 
-    async def _join(self, command: type[Command]) -> None:
+    async def _join(self, command: type[Command], current: Rcpt | None) -> None:
         """Connect the milters that join at this command and replay what they missed."""
         candidates = [
             slot for slot in self.slots if not slot.joined and not slot.gone and slot.sticky is None
         ]
         if not candidates:
             return
-        variables = session_variables(self.history, self.macros)
+        variables = session_variables(self.history, self.macros, current)
         joining = [
             slot
             for slot in candidates
@@ -277,6 +280,31 @@ class MtaSession:
                 self._failed(slot, failure)
                 return
             self._replayed(slot, replayed, replies)
+
+    async def _leave(self, command: type[Command], current: Rcpt | None) -> None:
+        """Joined milters whose ``enable`` is false at this listed stage leave the message.
+
+        Once in the message they are sent ABORT (nothing at MAIL, where it has not begun) and
+        their pending verdicts for it are dropped (design §8).
+        """
+        variables: Mapping[str, str | list[str]] | None = None
+        for slot in self.slots:
+            client = slot.live()
+            if client is None or slot.left_message or slot.sticky is not None:
+                continue
+            if not listed_at(slot.config, command, self.authenticated):
+                continue
+            if variables is None:
+                variables = session_variables(self.history, self.macros, current)
+            if slot.config.enable.evaluate(variables):
+                continue
+            slot.reset_message()
+            slot.left_message = True
+            if command is not Mail:
+                try:
+                    await client.abort()
+                except UpstreamFailure as failure:
+                    self._failed(slot, failure)
 
     def _replayed(self, slot: FilterSlot, command: Command, replies: list[Reply]) -> None:
         """A refusal of a replayed command counts at the current stage (design §8)."""
@@ -316,7 +344,7 @@ class MtaSession:
         targets = []
         for slot in self.slots:
             client = slot.live()
-            if client is None or slot.sticky is not None:
+            if client is None or slot.sticky is not None or slot.left_message:
                 continue
             if message and client.done_for_message:
                 continue
@@ -356,7 +384,7 @@ class MtaSession:
         """Each filter's final reply at this stage, in configured order (sticky ones included)."""
         replies: list[tuple[str, StageReply]] = []
         for slot in self.slots:
-            sticky = slot.sticky or slot.sticky_message
+            sticky = slot.sticky or (None if slot.left_message else slot.sticky_message)
             outcome = outcomes.get(slot.name)
             if isinstance(outcome, list) and outcome and isinstance(outcome[-1], STAGE_REPLIES):
                 replies.append((slot.name, outcome[-1]))

@@ -28,8 +28,13 @@ def _domain(address: str) -> str:
     return address.rpartition("@")[2] if "@" in address else ""
 
 
-def session_variables(history: History, macros: Mapping[str, str]) -> Variables:
-    """Variables for the session as it stands (macro names without braces: ``auth_authen``)."""
+def session_variables(
+    history: History, macros: Mapping[str, str], current: Rcpt | None = None
+) -> Variables:
+    """Variables for the session as it stands (macro names without braces: ``auth_authen``).
+
+    ``current`` is the RCPT being decided: it is the last recipient while its own stage runs.
+    """
     found: Variables = {}
     if history.connect is not None and isinstance(connect := history.connect[1], Connect):
         found["remote_ip"] = _text(connect.address).removeprefix("IPv6:")
@@ -40,6 +45,8 @@ def session_variables(history: History, macros: Mapping[str, str]) -> Variables:
         found["sender"] = sender = _address(mail.address)
         found["sender_domain"] = _domain(sender)
     recipients = [_address(r.address) for _, r in history.recipients if isinstance(r, Rcpt)]
+    if current is not None:
+        recipients.append(_address(current.address))
     if recipients:
         found["recipients"] = recipients
         found["rcpt"] = recipients[-1]

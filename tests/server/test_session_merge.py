@@ -226,3 +226,43 @@ async def test_enable_expression_decides_whether_a_filter_joins(
             await mta.send(Quit())
             await mta_stream.aclose()
         assert one.finished.is_set() is joins
+
+
+async def test_enable_turning_false_at_a_later_stage_leaves_the_message(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Joined at MAIL; false at RCPT: the milter is sent ABORT and nothing more of the message."""
+    seen: list[str] = []
+
+    async def recorder(peer: Peer) -> None:
+        await peer.negotiate()
+        while not isinstance(message := await peer.receive(), Quit):
+            seen.append(type(message).__name__)
+            if peer.codec.awaiting is not None:
+                await peer.reply(Continue())
+
+    async with fake_upstream(recorder) as one:
+        config = msgspec.structs.replace(
+            _filter("domains", one.port, True),
+            stages=["mail", "rcpt"],
+            enable=Expression(else_="rcpt_domain != 'y.test'"),
+        )
+        mta_stream, session_stream = trio.testing.memory_stream_pair()
+        session = MtaSession(session_stream, max_packet=1 << 20, session_id="s", filters=[config])
+        mta = MilterStream(mta_stream, Connection(Role.MTA))
+        answers: list[Reply] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run)
+            await mta.send(OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL))
+            await mta.receive()
+            for command in MESSAGE:  # its recipient is <b@y.test>
+                await mta.send(command)
+                while mta.connection.awaiting is not None:
+                    reply = await mta.receive()
+                    assert isinstance(reply, Reply)
+                    answers.append(reply)
+            await mta.send(Quit())
+            await mta_stream.aclose()
+    assert seen == ["Connect", "Helo", "Mail", "Abort"]
+    assert answers[-2:] == [Skip(), Continue()]  # no filter takes the body any more
+    assert set(answers) == {Continue(), Skip()}
