@@ -99,6 +99,26 @@ def chain(
         yield postfix, bridge, processes
 
 
+@contextmanager
+def chain_with_config(
+    tmp_path: Path, scripts: list[dict[str, Any]], toml: str
+) -> Iterator[tuple[PostfixInstance, BridgeProcess, list[FilterProcess]]]:
+    """Like chain(), with the [[milter]] tables written by the test; {ports[i]} is filter i."""
+    require_postfix()
+    with ExitStack() as stack:
+        processes = [
+            stack.enter_context(FilterProcess(script, tmp_path / f"f{i}", name=f"f{i}"))
+            for i, script in enumerate(scripts)
+        ]
+        config = tmp_path / "milterbridge.toml"
+        config.write_text(toml.format(ports=[p.port for p in processes]))
+        bridge = stack.enter_context(
+            BridgeProcess(tmp_path / "bridge", args=["--config", str(config)])
+        )
+        postfix = stack.enter_context(PostfixInstance(tmp_path / "pf", milters=[bridge.listen]))
+        yield postfix, bridge, processes
+
+
 ALL_STAGES = ["connect", "ehlo", "mail", "rcpt", "data"]
 
 
