@@ -251,6 +251,13 @@ def _parse_ip(value: Value) -> ipaddress.IPv4Address | ipaddress.IPv6Address | N
     """An address from a string, tolerating the ``[...]`` brackets some MTAs add."""
     if not isinstance(value, str):
         return None
+    return _parse_ip_text(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_ip_text(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    # Cached: a session evaluates the same client address at every stage, and parsing one
+    # costs more than the rest of a typical expression (benchmarks/expr_eval.py).
     text = value[1:-1] if value.startswith("[") and value.endswith("]") else value
     try:
         return ipaddress.ip_address(text)
