@@ -1,6 +1,9 @@
-"""Two milters editing the same message: the session sends one merged script, logs conflicts."""
+"""The session with several scripted milters: merged edits and conflicts, SKIP, PROGRESS, late
+joiners, and `enable` deciding who joins and who leaves a message."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import msgspec
 import pytest
@@ -8,7 +11,7 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from milterbridge.config import Expression, ExpressionMatch
+from milterbridge.config import Expression, ExpressionMatch, MilterFilter
 from milterbridge.durations import Duration
 from milterbridge.milter import (
     ALL_ACTIONS,
@@ -17,10 +20,12 @@ from milterbridge.milter import (
     AddHeader,
     Body,
     ChangeHeader,
+    Command,
     Connection,
     Continue,
     EndOfMessage,
     Mail,
+    Message,
     OptNeg,
     Progress,
     Protocol,
@@ -31,53 +36,77 @@ from milterbridge.milter import (
 )
 from milterbridge.server.session import MtaSession
 from milterbridge.transport import MilterStream
-from tests.fake_upstream import Peer, fake_upstream
+from tests.fake_upstream import Peer, Script, fake_upstream
 
 from .test_session_faults import MESSAGE, _filter, healthy
 
+Answer = Callable[[Message], Sequence[Reply]]
 
-def editor(*edits: Reply) -> object:
+
+def scripted(
+    answer: Answer, protocol: Protocol = Protocol.NONE, seen: list[str] | None = None
+) -> Script:
+    """A milter that records what it gets and answers each owed reply with ``answer(message)``."""
+
     async def script(peer: Peer) -> None:
-        await peer.negotiate()
-        while True:
-            message = await peer.receive()
-            if isinstance(message, Quit):
-                return
-            if isinstance(message, EndOfMessage):
-                await peer.reply(*edits, Continue())
-            elif peer.codec.awaiting is not None:
-                await peer.reply(Continue())
+        await peer.negotiate(protocol)
+        while not isinstance(message := await peer.receive(), Quit):
+            if seen is not None:
+                seen.append(type(message).__name__)
+            if peer.codec.awaiting is not None:
+                await peer.reply(*answer(message))
 
     return script
+
+
+def _continue(_: Message) -> Sequence[Reply]:
+    return [Continue()]
+
+
+async def play(
+    filters: list[MilterFilter], commands: Sequence[Command] = MESSAGE
+) -> list[tuple[Command, Reply]]:
+    """Our codec plays Postfix through one message; returns each reply with its command."""
+    mta_stream, session_stream = trio.testing.memory_stream_pair()
+    session = MtaSession(session_stream, max_packet=1 << 20, session_id="s", filters=filters)
+    mta = MilterStream(mta_stream, Connection(Role.MTA))
+    answers: list[tuple[Command, Reply]] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        await mta.send(OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL))
+        await mta.receive()
+        for command in commands:
+            await mta.send(command)
+            while mta.connection.awaiting is not None:
+                reply = await mta.receive()
+                assert isinstance(reply, Reply)
+                answers.append((command, reply))
+        await mta.send(Quit())
+        await mta_stream.aclose()
+    return answers
+
+
+def _at_eom(answers: list[tuple[Command, Reply]]) -> list[Reply]:
+    return [reply for command, reply in answers if isinstance(command, EndOfMessage)]
+
+
+def _editor(*edits: Reply) -> Answer:
+    return lambda m: [*edits, Continue()] if isinstance(m, EndOfMessage) else [Continue()]
 
 
 async def test_two_filters_changing_one_header_later_wins(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """Both change Subject: the later filter's value goes out once; a conflict is logged."""
-    first = editor(ChangeHeader(1, b"Subject", b"first"), AddHeader(b"X-One", b"1"))
-    second = editor(ChangeHeader(1, b"Subject", b"second"), AddHeader(b"X-Two", b"2"))
-    async with fake_upstream(first) as one, fake_upstream(second) as two:  # type: ignore[arg-type]
-        filters = [_filter("one", one.port, True), _filter("two", two.port, True)]
-        mta_stream, session_stream = trio.testing.memory_stream_pair()
-        session = MtaSession(session_stream, max_packet=1 << 20, session_id="s", filters=filters)
-        mta = MilterStream(mta_stream, Connection(Role.MTA))
-        eom_replies: list[Reply] = []
+    first = _editor(ChangeHeader(1, b"Subject", b"first"), AddHeader(b"X-One", b"1"))
+    second = _editor(ChangeHeader(1, b"Subject", b"second"), AddHeader(b"X-Two", b"2"))
+    async with (
+        fake_upstream(scripted(first)) as one,
+        fake_upstream(scripted(second)) as two,
+    ):
         with capture_logs() as logs:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(session.run)
-                await mta.send(OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL))
-                await mta.receive()
-                for command in MESSAGE:
-                    await mta.send(command)
-                    while mta.connection.awaiting is not None:
-                        reply = await mta.receive()
-                        assert isinstance(reply, Reply)
-                        if isinstance(command, EndOfMessage):
-                            eom_replies.append(reply)
-                await mta.send(Quit())
-                await mta_stream.aclose()
-    assert eom_replies == [
+            answers = await play([_filter("one", one.port, True), _filter("two", two.port, True)])
+    assert _at_eom(answers) == [
         ChangeHeader(1, b"Subject", b"second"),
         AddHeader(b"X-One", b"1"),
         AddHeader(b"X-Two", b"2"),
@@ -93,38 +122,16 @@ async def test_skip_reaches_the_mta_when_no_filter_wants_more_body(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """One filter skips, the other declined the body: the MTA is told to skip at once."""
-
-    async def skipper(peer: Peer) -> None:
-        await peer.negotiate(Protocol.SKIP)
-        while not isinstance(message := await peer.receive(), Quit):
-            if peer.codec.awaiting is not None:
-                await peer.reply(Skip() if isinstance(message, Body) else Continue())
-
-    async def no_body(peer: Peer) -> None:
-        await peer.negotiate(Protocol.NOBODY)
-        while not isinstance(await peer.receive(), Quit):
-            if peer.codec.awaiting is not None:
-                await peer.reply(Continue())
-
-    async with fake_upstream(skipper) as one, fake_upstream(no_body) as two:
-        filters = [_filter("one", one.port, True), _filter("two", two.port, True)]
-        mta_stream, session_stream = trio.testing.memory_stream_pair()
-        session = MtaSession(session_stream, max_packet=1 << 20, session_id="s", filters=filters)
-        mta = MilterStream(mta_stream, Connection(Role.MTA))
-        answers: list[Reply] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.run)
-            await mta.send(OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL))
-            await mta.receive()
-            for command in MESSAGE:
-                await mta.send(command)
-                while mta.connection.awaiting is not None:
-                    reply = await mta.receive()
-                    assert isinstance(reply, Reply)
-                    answers.append(reply)
-            await mta.send(Quit())
-            await mta_stream.aclose()
-    assert answers[-2:] == [Skip(), Continue()]
+    skipper = scripted(
+        lambda m: [Skip()] if isinstance(m, Body) else [Continue()], protocol=Protocol.SKIP
+    )
+    no_body = scripted(_continue, protocol=Protocol.NOBODY)
+    async with (
+        fake_upstream(skipper) as one,
+        fake_upstream(no_body) as two,
+    ):
+        answers = await play([_filter("one", one.port, True), _filter("two", two.port, True)])
+    assert [reply for _, reply in answers[-2:]] == [Skip(), Continue()]
 
 
 async def test_progress_keeps_the_mta_waiting_at_end_of_message(
@@ -141,27 +148,9 @@ async def test_progress_keeps_the_mta_waiting_at_end_of_message(
                 await peer.reply(Continue())
 
     async with fake_upstream(slow) as one:
-        filters = [
-            msgspec.structs.replace(_filter("slow", one.port, True), timeout_data=Duration(20))
-        ]
-        mta_stream, session_stream = trio.testing.memory_stream_pair()
-        session = MtaSession(session_stream, max_packet=1 << 20, session_id="s", filters=filters)
-        mta = MilterStream(mta_stream, Connection(Role.MTA))
-        eom: list[Reply] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.run)
-            await mta.send(OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL))
-            await mta.receive()
-            for command in MESSAGE:
-                await mta.send(command)
-                while mta.connection.awaiting is not None:
-                    reply = await mta.receive()
-                    assert isinstance(reply, Reply)
-                    if isinstance(command, EndOfMessage):
-                        eom.append(reply)
-            await mta.send(Quit())
-            await mta_stream.aclose()
-    assert eom == [Progress(), Progress(), Progress(), Continue()]
+        config = msgspec.structs.replace(_filter("slow", one.port, True), timeout_data=Duration(20))
+        answers = await play([config])
+    assert _at_eom(answers) == [Progress(), Progress(), Progress(), Continue()]
 
 
 async def test_late_joiner_accepting_the_replayed_sender_gets_nothing_more(
@@ -169,34 +158,12 @@ async def test_late_joiner_accepting_the_replayed_sender_gets_nothing_more(
 ) -> None:
     """ACCEPT to a replayed MAIL ends its part: the rest is not replayed, the message goes on."""
     seen: list[str] = []
-
-    async def accepter(peer: Peer) -> None:
-        await peer.negotiate()
-        while not isinstance(message := await peer.receive(), Quit):
-            seen.append(type(message).__name__)
-            if peer.codec.awaiting is not None:
-                await peer.reply(Accept() if isinstance(message, Mail) else Continue())
-
+    accepter = scripted(lambda m: [Accept()] if isinstance(m, Mail) else [Continue()], seen=seen)
     async with fake_upstream(accepter) as one:
         config = msgspec.structs.replace(_filter("late", one.port, True), stages=["data"])
-        mta_stream, session_stream = trio.testing.memory_stream_pair()
-        session = MtaSession(session_stream, max_packet=1 << 20, session_id="s", filters=[config])
-        mta = MilterStream(mta_stream, Connection(Role.MTA))
-        answers: list[Reply] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.run)
-            await mta.send(OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL))
-            await mta.receive()
-            for command in MESSAGE:
-                await mta.send(command)
-                while mta.connection.awaiting is not None:
-                    reply = await mta.receive()
-                    assert isinstance(reply, Reply)
-                    answers.append(reply)
-            await mta.send(Quit())
-            await mta_stream.aclose()
+        answers = await play([config])
     assert seen == ["Connect", "Helo", "Mail"]
-    assert answers[-1] == Continue()
+    assert answers[-1][1] == Continue()
 
 
 @pytest.mark.parametrize(("sender", "joins"), [(b"<a@x.test>", True), (b"<a@other.test>", False)])
@@ -212,19 +179,7 @@ async def test_enable_expression_decides_whether_a_filter_joins(
                 else_="false", match=[ExpressionMatch(if_="sender_domain == 'x.test'", then="true")]
             ),
         )
-        mta_stream, session_stream = trio.testing.memory_stream_pair()
-        session = MtaSession(session_stream, max_packet=1 << 20, session_id="s", filters=[config])
-        mta = MilterStream(mta_stream, Connection(Role.MTA))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.run)
-            await mta.send(OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL))
-            await mta.receive()
-            for command in [*MESSAGE[:2], Mail(sender), *MESSAGE[3:]]:
-                await mta.send(command)
-                while mta.connection.awaiting is not None:
-                    await mta.receive()
-            await mta.send(Quit())
-            await mta_stream.aclose()
+        await play([config], [*MESSAGE[:2], Mail(sender), *MESSAGE[3:]])
         assert one.finished.is_set() is joins
 
 
@@ -233,36 +188,14 @@ async def test_enable_turning_false_at_a_later_stage_leaves_the_message(
 ) -> None:
     """Joined at MAIL; false at RCPT: the milter is sent ABORT and nothing more of the message."""
     seen: list[str] = []
-
-    async def recorder(peer: Peer) -> None:
-        await peer.negotiate()
-        while not isinstance(message := await peer.receive(), Quit):
-            seen.append(type(message).__name__)
-            if peer.codec.awaiting is not None:
-                await peer.reply(Continue())
-
-    async with fake_upstream(recorder) as one:
+    async with fake_upstream(scripted(_continue, seen=seen)) as one:
         config = msgspec.structs.replace(
             _filter("domains", one.port, True),
             stages=["mail", "rcpt"],
-            enable=Expression(else_="rcpt_domain != 'y.test'"),
+            enable=Expression(else_="rcpt_domain != 'y.test'"),  # MESSAGE's recipient: b@y.test
         )
-        mta_stream, session_stream = trio.testing.memory_stream_pair()
-        session = MtaSession(session_stream, max_packet=1 << 20, session_id="s", filters=[config])
-        mta = MilterStream(mta_stream, Connection(Role.MTA))
-        answers: list[Reply] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.run)
-            await mta.send(OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL))
-            await mta.receive()
-            for command in MESSAGE:  # its recipient is <b@y.test>
-                await mta.send(command)
-                while mta.connection.awaiting is not None:
-                    reply = await mta.receive()
-                    assert isinstance(reply, Reply)
-                    answers.append(reply)
-            await mta.send(Quit())
-            await mta_stream.aclose()
+        answers = await play([config])
+    replies = [reply for _, reply in answers]
     assert seen == ["Connect", "Helo", "Mail", "Abort"]
-    assert answers[-2:] == [Skip(), Continue()]  # no filter takes the body any more
-    assert set(answers) == {Continue(), Skip()}
+    assert replies[-2:] == [Skip(), Continue()]  # no filter takes the body any more
+    assert set(replies) == {Continue(), Skip()}
