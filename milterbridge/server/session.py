@@ -179,6 +179,7 @@ class MtaSession:
                     await self._close_upstreams()
                     self.slots = build_slots([slot.config for slot in self.slots])
                     self.history = History()
+                    self.macros = {}
                 case Abort():
                     self.stats.aborts += 1
                     await self._abort()
