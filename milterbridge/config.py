@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Final, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -22,6 +24,7 @@ from .listeners import ListenerSpecError, parse_listener
 from .milter.constants import ALL_ACTIONS, ALL_PROTOCOL, Protocol
 
 DEFAULT_LISTEN = "inet:127.0.0.1:8899"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:8900"
 
 #: A filter stage, as written in ``stages``.
 Stage = Literal["connect", "ehlo", "auth", "mail", "rcpt", "data"]
@@ -78,6 +81,32 @@ class ServerConfig(Base, frozen=True):
                 parse_listener(spec)
             except ListenerSpecError as exc:
                 raise ValueError(f"listen: {exc}") from None
+
+
+class AdminConfig(Base, frozen=True):
+    """``[admin]``: the HTTP listener for /metrics, /healthz, /readyz (and /api)."""
+
+    #: ``HOST:PORT`` (``[::1]:PORT`` for IPv6); an empty string turns the listener off.
+    listen: str = DEFAULT_ADMIN_LISTEN
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            try:
+                parse_host_port(self.listen)
+            except ValueError as exc:
+                raise _KeyProblem("listen", str(exc)) from None
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``127.0.0.1:8900``, ``[::1]:8900`` or ``localhost:8900`` as (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: expected HOST:PORT (e.g. '127.0.0.1:8900')")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not _is_host(host):
+        raise ValueError(f"{text!r}: {host!r} is not a host name or IP address")
+    return host, int(port)
 
 
 class ExpressionMatch(Base, frozen=True):
@@ -154,11 +183,7 @@ class MilterFilter(Base, frozen=True):
 
     def __post_init__(self) -> None:
         self._check_address()
-        seen: set[str] = set()
-        for index, stage in enumerate(self.stages):
-            if stage in seen:
-                raise _KeyProblem(f"stages[{index}]", f"stage {stage!r} is listed twice")
-            seen.add(stage)
+        _check_unique_stages(self.stages)
         _check_flags("flagsAction", self.flags_action, ACTION_FLAGS_MASK, "SMFIF_* action")
         _check_flags("flagsProtocol", self.flags_protocol, PROTOCOL_FLAGS_MASK, "SMFIP_* protocol")
 
@@ -206,30 +231,177 @@ def _check_flags(key: str, value: int | None, mask: int, what: str) -> None:
         )
 
 
+class SecretValue(Base, frozen=True, tag_field="@type", tag="Value"):
+    """A secret written in the file itself."""
+
+    secret: str
+
+    def reveal(self) -> str:
+        return self.secret
+
+    def __repr__(self) -> str:
+        return "SecretValue(secret=<hidden>)"
+
+
+class SecretEnvironmentVariable(Base, frozen=True, tag_field="@type", tag="EnvironmentVariable"):
+    """A secret read from the environment when the config is loaded."""
+
+    variable_name: Annotated[str, msgspec.Meta(min_length=1)]
+
+    def reveal(self) -> str:
+        value = os.environ.get(self.variable_name)
+        if value is None:
+            raise _KeyProblem(
+                "variableName", f"environment variable {self.variable_name} is not set"
+            )
+        return value
+
+
+class SecretFile(Base, frozen=True, tag_field="@type", tag="File"):
+    """A secret read from a file when the config is loaded (one trailing newline dropped)."""
+
+    file_path: Annotated[str, msgspec.Meta(min_length=1)]
+
+    def reveal(self) -> str:
+        try:
+            text = Path(self.file_path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise _KeyProblem("filePath", f"cannot read {self.file_path}: {reason}") from None
+        return text.removesuffix("\n").removesuffix("\r")
+
+
+#: Where a secret comes from; ``reveal()`` gives its value (checked when the config loads).
+Secret = SecretValue | SecretEnvironmentVariable | SecretFile
+
+
+class HttpAuthUnauthenticated(Base, frozen=True, tag_field="@type", tag="Unauthenticated"):
+    """No Authorization header."""
+
+
+class HttpAuthBasic(Base, frozen=True, tag_field="@type", tag="Basic"):
+    """HTTP Basic authentication."""
+
+    username: str
+    secret: Secret
+
+    def __post_init__(self) -> None:
+        _check_secret("secret", self.secret)
+
+
+class HttpAuthBearer(Base, frozen=True, tag_field="@type", tag="Bearer"):
+    """``Authorization: Bearer <token>``."""
+
+    bearer_token: Secret
+
+    def __post_init__(self) -> None:
+        _check_secret("bearerToken", self.bearer_token)
+
+
+HttpAuth = HttpAuthUnauthenticated | HttpAuthBasic | HttpAuthBearer
+
+
+def _check_secret(key: str, secret: Secret) -> None:
+    try:
+        secret.reveal()
+    except _KeyProblem as exc:
+        raise _KeyProblem(f"{key}.{exc.key}", exc.problem) from None
+
+
+class HookFilter(Base, frozen=True):
+    """``[[hook]]``: one HTTP MTA hook (the MtaHook reference object, plus our keys)."""
+
+    name: FilterName
+    url: str
+    stages: Annotated[list[Stage], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=_default_stages
+    )
+    enable: Expression = msgspec.field(default_factory=_always)
+    allow_invalid_certs: bool = False
+    #: Extra request headers, sent with every call.
+    http_headers: dict[str, str] = {}
+    timeout: Duration = Duration(30.0)
+    temp_fail_on_error: bool = True
+    #: Largest response body read; beyond it the call is a filter error.
+    max_response_size: Size = Size(52428800)
+    http_auth: HttpAuth = msgspec.field(default_factory=HttpAuthUnauthenticated)
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise _KeyProblem("url", f"{self.url!r}: expected an http:// or https:// URL")
+        _check_unique_stages(self.stages)
+        for header in self.http_headers:
+            if not _HEADER_NAME.fullmatch(header):
+                raise _KeyProblem(f"httpHeaders.{header}", "not a valid HTTP header name")
+        for header, value in self.http_headers.items():
+            if "\r" in value or "\n" in value:
+                raise _KeyProblem(
+                    f"httpHeaders.{header}", "a header value cannot hold a line break"
+                )
+
+    def stages_in_smtp_order(self) -> tuple[Stage, ...]:
+        """The configured stages sorted in the order an SMTP session reaches them."""
+        return tuple(stage for stage in SMTP_STAGE_ORDER if stage in self.stages)
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _check_unique_stages(stages: list[Stage]) -> None:
+    seen: set[str] = set()
+    for index, stage in enumerate(stages):
+        if stage in seen:
+            raise _KeyProblem(f"stages[{index}]", f"stage {stage!r} is listed twice")
+        seen.add(stage)
+
+
+#: Any configured filter.
+Filter = MilterFilter | HookFilter
+
+
 class Config(Base, frozen=True):
     """The whole file."""
 
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
-    #: ``[[milter]]`` tables, in file order (which is the merge order).
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    #: ``[[milter]]`` tables, in file order (the merge order, milters before hooks).
     milter: list[MilterFilter] = []
+    #: ``[[hook]]`` tables, in file order.
+    hook: list[HookFilter] = []
 
     def __post_init__(self) -> None:
-        first: dict[str, int] = {}
-        for index, milter in enumerate(self.milter):
-            if milter.name in first:
-                raise _KeyProblem(
-                    f"milter[{index}].name",
-                    f"duplicate filter name {milter.name!r} (also milter[{first[milter.name]}])",
-                )
-            first[milter.name] = index
+        first: dict[str, str] = {}
+        tables: tuple[tuple[str, Sequence[Filter]], ...] = (
+            ("milter", self.milter),
+            ("hook", self.hook),
+        )
+        for table, filters in tables:
+            for index, item in enumerate(filters):
+                key = f"{table}[{index}]"
+                if item.name in first:
+                    raise _KeyProblem(
+                        f"{key}.name",
+                        f"duplicate filter name {item.name!r} (also {first[item.name]})",
+                    )
+                first[item.name] = key
+
+    @property
+    def filters(self) -> list[Filter]:
+        """Every filter in merge order: the milters, then the hooks."""
+        return [*self.milter, *self.hook]
 
     def summary(self) -> str:
         """One line for ``check-config``: the listeners and the filters."""
-        names = [milter.name for milter in self.milter]
-        filters = f"{len(names)} milter{'' if len(names) == 1 else 's'}"
-        if names:
-            filters += ": " + ", ".join(names)
-        return f"listen: {', '.join(self.server.listen)}; {filters}"
+        parts = [f"listen: {', '.join(self.server.listen)}"]
+        for kind, names in (
+            ("milter", [m.name for m in self.milter]),
+            ("hook", [h.name for h in self.hook]),
+        ):
+            if names or kind == "milter":
+                text = f"{len(names)} {kind}{'' if len(names) == 1 else 's'}"
+                parts.append(text + (": " + ", ".join(names) if names else ""))
+        return "; ".join(parts)
 
 
 EMBEDDED_DEFAULT = Config()

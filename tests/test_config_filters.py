@@ -280,7 +280,7 @@ M = '[[milter]]\nname = "a"\nhostname = "h"\n'
         (M + "pass = 2\n", "milter[0]: Object contains unknown field `pass`"),
         ('[milter]\nname = "a"\n', "milter: Expected `array`, got `object`"),
         (M + '[[milter]]\nname = "b"\nport = 1\n', "milter[1]: missing hostname"),
-        ("[[hook]]\n", "(top level): Object contains unknown field `hook`"),
+        ("[[filter]]\n", "(top level): Object contains unknown field `filter`"),
     ],
 )
 def test_milter_errors_name_the_key_path(text: str, message: str) -> None:
