@@ -8,12 +8,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
+import prometheus_client
 import structlog
 import trio
 
 from . import __version__
-from .app import run_until_signalled
-from .config import EMBEDDED_DEFAULT, Config, ConfigError, ServerConfig, load_config
+from .app import CannotListen, run_until_signalled
+from .config import (
+    EMBEDDED_DEFAULT,
+    Config,
+    ConfigError,
+    ServerConfig,
+    load_config,
+    parse_host_port,
+)
 from .listeners import ListenerSpecError, parse_listener
 from .logs import configure_logging
 from .send import Envelope, send_main
@@ -35,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="SPEC",
         help="inet:HOST:PORT, inet6:[ADDR]:PORT or unix:PATH; repeatable; overrides the config",
+    )
+    run.add_argument(
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="admin HTTP listener (/metrics, /healthz, /readyz); '' turns it off; "
+        "overrides [admin] listen",
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
@@ -80,14 +94,37 @@ def _run(args: argparse.Namespace) -> int:
         config = msgspec.structs.replace(
             config, server=msgspec.structs.replace(config.server, listen=list(args.listen))
         )
+    if args.admin_listen is not None:
+        if args.admin_listen:
+            try:
+                parse_host_port(args.admin_listen)
+            except ValueError as exc:
+                print(f"milterbridge: --admin-listen {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+        config = msgspec.structs.replace(
+            config, admin=msgspec.structs.replace(config.admin, listen=args.admin_listen)
+        )
+    # Each counter and histogram would also export a ``_created`` series in the classic text
+    # format, doubling the series count for a timestamp nothing here reads.
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
     log.info("starting", version=__version__, config=source, listen=config.server.listen)
+    failures: list[str] = []
     try:
         trio.run(run_until_signalled, config)
-    except OSError as exc:
-        log.error("cannot_listen", error=str(exc))
+    except* (CannotListen, ListenerSpecError) as group:
+        failures.extend(str(exc) for exc in _leaves(group))
+    if failures:
+        log.error("cannot_listen", error="; ".join(failures))
         return EXIT_FAILURE
     log.info("stopped")
     return EXIT_OK
+
+
+def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
+    found: list[Exception] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 def _check_config(args: argparse.Namespace) -> int:

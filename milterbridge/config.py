@@ -74,6 +74,10 @@ class ServerConfig(Base, frozen=True):
     )
     #: Permissions of unix: sockets, octal as in chmod.
     socket_mode: Annotated[str, msgspec.Meta(pattern=r"^0?[0-7]{3}$")] = "0660"
+    #: Bytes of a message body kept in memory per session (for hooks) before spilling to disk.
+    spool_memory: Size = Size(1024 * 1024)
+    #: Where spilled bodies go (anonymous, already unlinked files); None: the system's TMPDIR.
+    spool_directory: str | None = None
 
     def __post_init__(self) -> None:
         for spec in self.listen:

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from milterbridge.app import serve
-from milterbridge.config import Config, ServerConfig
+from milterbridge.config import AdminConfig, Config, ServerConfig
 from milterbridge.listeners import InetSpec, ListenerSpecError, UnixSpec, parse_listener
 from milterbridge.milter import ALL_ACTIONS, ALL_PROTOCOL, OptNeg, OptNegReply
 from tests.integration.mta_driver import exchange, open_mta
@@ -56,7 +56,8 @@ async def test_service_answers_on_inet_inet6_and_unix_listeners(tmp_path: Path) 
         server=ServerConfig(
             listen=["inet:127.0.0.1:0", "inet6:[::1]:0", f"unix:{tmp_path}/m.sock"],
             socket_mode="0600",
-        )
+        ),
+        admin=AdminConfig(listen=""),  # tests run side by side: not the fixed admin port
     )
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -74,6 +75,8 @@ async def test_service_answers_on_inet_inet6_and_unix_listeners(tmp_path: Path) 
 async def test_a_regular_file_at_the_socket_path_is_not_replaced(tmp_path: Path) -> None:
     """Only a stale socket is unlinked; anything else at the path is an error."""
     (tmp_path / "m.sock").write_text("not a socket")
-    config = Config(server=ServerConfig(listen=[f"unix:{tmp_path}/m.sock"]))
+    config = Config(
+        server=ServerConfig(listen=[f"unix:{tmp_path}/m.sock"]), admin=AdminConfig(listen="")
+    )
     with pytest.raises(ListenerSpecError, match="not a socket"):
         await serve(config)

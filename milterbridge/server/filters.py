@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..config import MilterFilter
+from ..config import HookFilter, MilterFilter
 from ..milter import Command, Connect, Data, Helo, Macro, Mail, Negotiated, Rcpt, Reply
 from ..upstream import UpstreamEndpoint, UpstreamMilter
 
@@ -150,6 +150,70 @@ class FilterSlot:
 
 def build_slots(filters: Sequence[MilterFilter]) -> list[FilterSlot]:
     return [FilterSlot(config, endpoint_of(config)) for config in filters]
+
+
+#: The envelope command at which each hook stage is called (``data`` is called at
+#: end-of-message, with the whole message, and is not listed here).
+HOOK_STAGES_AT: dict[type[Command], tuple[str, ...]] = {
+    Connect: ("connect",),
+    Helo: ("ehlo",),
+    Mail: ("auth", "mail"),
+    Rcpt: ("rcpt",),
+}
+
+
+@dataclass
+class HookSlot:
+    """One configured HTTP hook within one MTA connection.
+
+    A hook has no connection to join: it is called at each listed stage where its ``enable``
+    holds (design §8), and every call stands alone. Edits it returns before end-of-message wait
+    in ``pending`` (milter edits are only legal there, design §6).
+    """
+
+    config: HookFilter
+    #: Left the session after an error with tempFailOnError = false.
+    gone: bool = False
+    #: Tempfail for every later stage of the connection, after an error with tempFailOnError.
+    sticky: Reply | None = None
+    #: Edits returned so far for the current message, in the order the hook sent them.
+    pending: list[Reply] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def usable(self) -> bool:
+        return not self.gone and self.sticky is None
+
+    def stages_at(
+        self,
+        command: type[Command],
+        authenticated: bool,
+        variables: Mapping[str, str | list[str]],
+    ) -> list[str]:
+        """The hook stages to call now, in order (``auth`` before ``mail``), if enabled."""
+        stages: list[str] = [
+            stage
+            for stage in HOOK_STAGES_AT.get(command, ())
+            if stage in self.config.stages and (stage != "auth" or authenticated)
+        ]
+        if stages and self.usable and self.config.enable.evaluate(variables):
+            return stages
+        return []
+
+    @property
+    def wants_message(self) -> bool:
+        """Whether it may be called with the whole message at end-of-message."""
+        return self.usable and "data" in self.config.stages
+
+    def reset_message(self) -> None:
+        self.pending.clear()
+
+
+def build_hook_slots(hooks: Sequence[HookFilter]) -> list[HookSlot]:
+    return [HookSlot(config) for config in hooks]
 
 
 OptionsCache = dict[str, Negotiated]

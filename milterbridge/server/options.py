@@ -16,14 +16,21 @@ counts as wanting every step, every action and every reply). The rules follow th
   some filter did not send a list for that stage (a list we send replaces the MTA's defaults);
   no lists at all when no filter sent any.
 
+HTTP hooks take part through :func:`hook_options`: to the MTA a hook looks like a milter that
+wants every envelope step (its request carries the whole envelope whatever its stages), the
+headers and body only when it lists ``data``, answers only at its listed stages, and may edit
+anything. When hooks are configured, the macro lists also ask for :data:`BRIDGE_MACROS`, the
+macros the hook request is built from (design §9).
+
 HDR_LEADSPC and RCPT_REJ are never requested: the bridge would have to translate header spacing
 and refused recipients per upstream, and does not yet.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
+from ..config import HookFilter
 from ..milter import (
     ALL_ACTIONS,
     Action,
@@ -45,6 +52,7 @@ from ..milter import (
     answer_offer,
 )
 from ..milter.negotiation import STEP_FLAGS
+from .filters import HOOK_STAGES_AT
 
 #: The steps a filter can decline or promise not to answer.
 STEPS: tuple[type[Command], ...] = (
@@ -85,6 +93,41 @@ POSTFIX_DEFAULT_MACROS: dict[MacroStage, tuple[bytes, ...]] = {
 }
 
 
+#: Macros the bridge itself needs, per stage, for the hook request and ``enable`` (design §9).
+BRIDGE_MACROS: dict[MacroStage, tuple[bytes, ...]] = {
+    MacroStage.CONNECT: (
+        b"j",
+        b"{daemon_name}",
+        b"{daemon_addr}",
+        b"{daemon_port}",
+        b"{client_ptr}",
+    ),
+    MacroStage.HELO: (
+        b"{tls_version}",
+        b"{cipher}",
+        b"{cipher_bits}",
+        b"{cert_subject}",
+        b"{cert_issuer}",
+    ),
+    MacroStage.ENVFROM: (b"i", b"{auth_type}", b"{auth_authen}"),
+    MacroStage.ENVRCPT: (b"i",),
+    MacroStage.EOM: (b"i",),
+}
+
+
+def hook_options(hook: HookFilter) -> Negotiated:
+    """What a hook asks of the MTA, in the terms the milters' cached options use."""
+    protocol = Protocol.NODATA | Protocol.NOUNKNOWN | Protocol.NOEOH
+    if "data" in hook.stages:
+        protocol |= Protocol.NR_HDR | Protocol.NR_BODY
+    else:
+        protocol |= Protocol.NOHDRS | Protocol.NOBODY
+    for step, stages in HOOK_STAGES_AT.items():
+        if not any(stage in hook.stages for stage in stages):
+            protocol |= STEP_FLAGS[step][1]
+    return Negotiated(6, ALL_ACTIONS, protocol)
+
+
 def _wants(options: Negotiated | None, step: type[Command]) -> bool:
     return options is None or options.sends(step)
 
@@ -112,9 +155,17 @@ def bridge_actions(filters: Sequence[Negotiated | None]) -> Action:
     return actions & ~Action.SETSYMLIST
 
 
-def bridge_macros(filters: Sequence[Negotiated | None]) -> dict[MacroStage, bytes]:
-    """Per-stage macro lists to request, or {} to leave the MTA's defaults alone."""
-    if not any(options is not None and options.macros for options in filters):
+def bridge_macros(
+    filters: Sequence[Negotiated | None],
+    extra: Mapping[MacroStage, Sequence[bytes]] | None = None,
+) -> dict[MacroStage, bytes]:
+    """Per-stage macro lists to request, or {} to leave the MTA's defaults alone.
+
+    ``extra`` are macros the bridge needs itself; asking for them replaces the MTA's default
+    lists, so the defaults are asked for too.
+    """
+    extra = extra or {}
+    if not extra and not any(options is not None and options.macros for options in filters):
         return {}
     lists: dict[MacroStage, bytes] = {}
     for stage in MacroStage:
@@ -123,6 +174,8 @@ def bridge_macros(filters: Sequence[Negotiated | None]) -> dict[MacroStage, byte
             wanted = options.macros.get(stage) if options is not None else None
             for name in POSTFIX_DEFAULT_MACROS[stage] if wanted is None else wanted:
                 names[name] = None
+        for name in extra.get(stage, ()):
+            names[name] = None
         if names:
             lists[stage] = b" ".join(names)
     return lists
@@ -145,11 +198,16 @@ def offer_for_upstreams(offer: OptNeg, negotiated: Negotiated) -> OptNeg:
     return OptNeg(negotiated.version, actions, protocol)
 
 
-def answer_mta(offer: OptNeg, filters: Sequence[Negotiated | None]) -> OptNegReply:
-    """The bridge's OPTNEG answer to the MTA, given every configured milter's cached options."""
+def answer_mta(
+    offer: OptNeg,
+    filters: Sequence[Negotiated | None],
+    hooks: Sequence[HookFilter] = (),
+) -> OptNegReply:
+    """The bridge's OPTNEG answer to the MTA, from every milter's cached options and the hooks."""
+    every = [*filters, *(hook_options(hook) for hook in hooks)]
     return answer_offer(
         offer,
-        actions=bridge_actions(filters),
-        protocol=bridge_protocol(filters),
-        macros=bridge_macros(filters),
+        actions=bridge_actions(every),
+        protocol=bridge_protocol(every),
+        macros=bridge_macros(every, BRIDGE_MACROS if hooks else None),
     )

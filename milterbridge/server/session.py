@@ -15,6 +15,12 @@ session and the others decide. If every milter that tried to join failed to conn
 and none is left, the session closes the MTA connection, so that the MTA's own
 milter_default_action decides.
 
+HTTP hooks (design §4, §8) are asked in the same fan-out as the milters: at each envelope stage
+they list where their ``enable`` holds (``auth`` just before MAIL, for an authenticated client),
+and at end-of-message for ``data``, with the body the session kept in its spool. A hook's
+``accept`` is a continue (it does not end its part in the message, unlike a milter's ACCEPT), and
+the edits it returns before end-of-message are applied at end-of-message.
+
 Lifetime: the session owns its stream and its milters' connections; every task lives in a nursery
 of the session, so an MTA that vanishes at any byte cancels all of it and leaves nothing behind.
 Exactly one ``session_end`` line is logged.
@@ -25,13 +31,15 @@ from __future__ import annotations
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 import trio
 
-from ..config import MilterFilter
+from ..config import HookFilter, MilterFilter
 from ..engine.apply import MessageState
 from ..engine.edits import merge_edits
+from ..engine.hook_answer import HookAnswer
 from ..engine.verdicts import (
     STAGE_REPLIES,
     Stage,
@@ -70,8 +78,19 @@ from ..milter import (
 )
 from ..transport import MilterStream
 from ..upstream import UpstreamFailure, UpstreamMilter, connect_upstream
-from .filters import FilterSlot, History, OptionsCache, build_slots, joins_at, listed_at
+from ..upstream.hook_request import HookInput
+from .filters import (
+    FilterSlot,
+    History,
+    HookSlot,
+    OptionsCache,
+    build_hook_slots,
+    build_slots,
+    joins_at,
+    listed_at,
+)
 from .options import answer_mta, offer_for_upstreams
+from .spool import MessageSpool
 from .variables import session_variables
 
 log = structlog.get_logger("milterbridge.session")
@@ -104,10 +123,38 @@ class SessionStats:
     started: float = field(default_factory=trio.current_time)
 
 
+class HookCaller(Protocol):
+    """What the session needs of the HTTP hook client (upstream.hook_client.HookClient)."""
+
+    async def call(self, hook: HookFilter, request: HookInput) -> HookAnswer: ...
+
+
+class ClientCounts:
+    """Open MTA sessions per client address, for the hook request's ``activeConnections``."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, int] = {}
+
+    def opened(self, address: str) -> None:
+        self._open[address] = self._open.get(address, 0) + 1
+
+    def closed(self, address: str) -> None:
+        left = self._open.get(address, 0) - 1
+        if left > 0:
+            self._open[address] = left
+        else:
+            self._open.pop(address, None)
+
+    def __getitem__(self, address: str) -> int:
+        return self._open.get(address, 0)
+
+
 Outcome = list[Reply] | UpstreamFailure
 _ALL_CONTINUE = StageResult(Continue(), Verdict.CONTINUE)
 _Call = Callable[[UpstreamMilter], Awaitable[list[Reply]]]
 _Target = tuple[FilterSlot, UpstreamMilter]
+#: Hooks to call at one command, each with the hook stages it is called for, in order.
+_HookCalls = list[tuple[HookSlot, list[str]]]
 
 
 class MtaSession:
@@ -120,12 +167,24 @@ class MtaSession:
         max_packet: int,
         session_id: str,
         filters: Sequence[MilterFilter] = (),
+        hooks: Sequence[HookFilter] = (),
+        hook_client: HookCaller | None = None,
         options_cache: OptionsCache | None = None,
+        spool_memory: int = 1024 * 1024,
+        spool_directory: str | None = None,
+        client_counts: ClientCounts | None = None,
     ) -> None:
+        if hooks and hook_client is None:
+            raise ValueError("hooks need a hook client")
         self.session_id = session_id
         self.milter = MilterStream(stream, Connection(Role.FILTER, max_packet=max_packet))
         self.stats = SessionStats()
         self.slots = build_slots(filters)
+        self.hooks = build_hook_slots(hooks)
+        self.hook_client = hook_client
+        self.spool = MessageSpool(spool_memory, spool_directory)
+        self.client_counts = ClientCounts() if client_counts is None else client_counts
+        self.counted_client: str | None = None
         self.cache: OptionsCache = {} if options_cache is None else options_cache
         self.history = History()
         self.offer: OptNeg | None = None
@@ -151,6 +210,8 @@ class MtaSession:
                 with trio.move_on_after(GOODBYE_SECONDS, shield=True):
                     await self._close_upstreams()
                 await trio.aclose_forcefully(self.milter.stream)
+                self.spool.reset()
+                self._count_client(None)
                 self._log_end()
 
     # --- the MTA loop -------------------------------------------------------------------
@@ -166,7 +227,8 @@ class MtaSession:
                 case OptNeg():
                     self.offer = event
                     options = [self.cache.get(slot.name) for slot in self.slots]
-                    await self.milter.send(answer_mta(event, options))
+                    hooks = [slot.config for slot in self.hooks]
+                    await self.milter.send(answer_mta(event, options, hooks))
                 case Macro():
                     self.macro = event
                     for name, value in event.macros:
@@ -178,8 +240,11 @@ class MtaSession:
                 case QuitNoClose():
                     await self._close_upstreams()
                     self.slots = build_slots([slot.config for slot in self.slots])
+                    self.hooks = build_hook_slots([slot.config for slot in self.hooks])
                     self.history = History()
                     self.macros = {}
+                    self.spool.reset()
+                    self._count_client(None)
                 case Abort():
                     self.stats.aborts += 1
                     await self._abort()
@@ -199,13 +264,18 @@ class MtaSession:
         """An envelope, header or unknown command: join, replay, fan out, merge, answer."""
         macro = self._take_macro()
         self._remember(macro, command)
+        hooks: _HookCalls = []
         if isinstance(command, Connect | Helo | Mail | Rcpt | Data):
             current = command if isinstance(command, Rcpt) else None
             await self._join(type(command), current)
             if isinstance(command, Mail | Rcpt | Data):
                 await self._leave(type(command), current)
+            hooks = self._hook_calls(type(command), current)
         outcomes = await self._fan_out(
-            lambda client: client.command(macro, command), message=_in_message(command)
+            lambda client: client.command(macro, command),
+            message=_in_message(command),
+            hooks=hooks,
+            current=command if isinstance(command, Rcpt) else None,
         )
         result = await self._answer(Stage.of(type(command)), outcomes)
         if isinstance(command, Rcpt) and not result.recipient_only:
@@ -216,6 +286,7 @@ class MtaSession:
             case Connect():
                 self.history.connect = (macro, command)
                 self.stats.client = command.address.decode("ascii", "replace") or None
+                self._count_client(self.stats.client)
             case Helo():
                 self.history.helo = (macro, command)
             case Mail():
@@ -231,8 +302,19 @@ class MtaSession:
     def _new_message(self) -> None:
         self.history.new_message()
         self.headers = []
+        self.spool.reset()
         for slot in self.slots:
             slot.reset_message()
+        for hook in self.hooks:
+            hook.reset_message()
+
+    def _count_client(self, address: str | None) -> None:
+        """Keep ``client_counts`` true: this session counts for at most one address."""
+        if self.counted_client is not None:
+            self.client_counts.closed(self.counted_client)
+        self.counted_client = address
+        if address is not None:
+            self.client_counts.opened(address)
 
     # --- joining ------------------------------------------------------------------------
 
@@ -323,7 +405,7 @@ class MtaSession:
         else:
             slot.sticky = final
 
-    def _failed(self, slot: FilterSlot, failure: UpstreamFailure) -> None:
+    def _failed(self, slot: FilterSlot | HookSlot, failure: UpstreamFailure) -> None:
         log.warning(
             "filter_error",
             filter=slot.name,
@@ -332,11 +414,76 @@ class MtaSession:
             cause=failure.cause,
             policy="tempfail" if slot.config.temp_fail_on_error else "skip",
         )
-        slot.client = None
+        if isinstance(slot, FilterSlot):
+            slot.client = None
         if slot.config.temp_fail_on_error:
             slot.sticky = Tempfail()
         else:
             slot.gone = True
+
+    # --- hooks --------------------------------------------------------------------------
+
+    def _hook_calls(self, command: type[Command], current: Rcpt | None) -> _HookCalls:
+        if not self.hooks:
+            return []
+        variables = session_variables(self.history, self.macros, current)
+        calls: _HookCalls = []
+        for slot in self.hooks:
+            stages = slot.stages_at(command, self.authenticated, variables)
+            if stages:
+                calls.append((slot, stages))
+        return calls
+
+    def _hook_input(self, stage: str, current: Rcpt | None) -> HookInput:
+        """The request data for one hook call, from what the MTA told the session so far."""
+        history = self.history
+        connect = history.connect[1] if history.connect else None
+        helo = history.helo[1] if history.helo else None
+        mail = history.mail[1] if history.mail else None
+        recipients = [r for _, r in history.recipients if isinstance(r, Rcpt)]
+        if current is not None:
+            recipients.append(current)
+        data = stage == "data"
+        client = self.stats.client
+        # Sendmail writes IPv6 clients as "IPv6:addr", Postfix bare: the hook gets the bare one.
+        address = client.removeprefix("IPv6:") if client else None
+        return HookInput(
+            stage=stage,
+            macros=self.macros,
+            client_address=address,
+            client_port=connect.port if isinstance(connect, Connect) else None,
+            client_hostname=connect.hostname.decode("utf-8", "replace")
+            if isinstance(connect, Connect)
+            else None,
+            helo=helo.name.decode("utf-8", "replace") if isinstance(helo, Helo) else None,
+            sender=(mail.address, mail.args) if isinstance(mail, Mail) else None,
+            recipients=[(r.address, r.args) for r in recipients],
+            headers=self.headers if data else (),
+            body=self.spool.reader() if data else None,
+            body_size=self.spool.size if data else 0,
+            active_connections=self.client_counts[client] if client else 0,
+        )
+
+    async def _ask_hook(self, slot: HookSlot, stages: list[str], current: Rcpt | None) -> Outcome:
+        """Call one hook for its stages at this command; the first refusal ends the series."""
+        assert self.hook_client is not None
+        reply: Reply = Continue()
+        for stage in stages:
+            try:
+                answer = await self.hook_client.call(slot.config, self._hook_input(stage, current))
+            except UpstreamFailure as failure:
+                self._failed(slot, failure)
+                return failure
+            for note in answer.notes:
+                log.info("hook_note", filter=slot.name, stage=stage, note=note)
+            slot.pending.extend(answer.edits)
+            reply = answer.reply
+            if type(reply) is not Continue:
+                break
+        return [reply]
+
+    def _hooks_want_message(self) -> bool:
+        return any(slot.wants_message for slot in self.hooks)
 
     # --- fan-out ------------------------------------------------------------------------
 
@@ -355,7 +502,13 @@ class MtaSession:
         return targets
 
     async def _fan_out(
-        self, call: _Call, *, message: bool, body: bool = False
+        self,
+        call: _Call,
+        *,
+        message: bool,
+        body: bool = False,
+        hooks: _HookCalls | None = None,
+        current: Rcpt | None = None,
     ) -> dict[str, Outcome]:
         outcomes: dict[str, Outcome] = {}
 
@@ -366,17 +519,25 @@ class MtaSession:
                 outcomes[slot.name] = failure
                 self._failed(slot, failure)
 
+        async def ask_hook(slot: HookSlot, stages: list[str]) -> None:
+            outcomes[slot.name] = await self._ask_hook(slot, stages, current)
+
         targets = self._targets(message, body)
-        if len(targets) == 1:  # the common case needs no task of its own
+        hooks = hooks or []
+        if len(targets) == 1 and not hooks:  # the common case needs no task of its own
             await ask(*targets[0])
             return outcomes
         async with trio.open_nursery() as nursery:
             for slot, client in targets:
                 nursery.start_soon(ask, slot, client)
+            for hook, stages in hooks:
+                nursery.start_soon(ask_hook, hook, stages)
         return outcomes
 
     async def _body(self, chunk: Body) -> dict[str, Outcome]:
         macro = self._take_macro()
+        if self._hooks_want_message():
+            self.spool.write(chunk.chunk)
         return await self._fan_out(
             lambda client: client.body(macro, chunk.chunk), message=True, body=True
         )
@@ -384,13 +545,17 @@ class MtaSession:
     def _stage_replies(self, outcomes: dict[str, Outcome]) -> list[tuple[str, StageReply]]:
         """Each filter's final reply at this stage, in configured order (sticky ones included)."""
         replies: list[tuple[str, StageReply]] = []
-        for slot in self.slots:
-            sticky = slot.sticky or (None if slot.left_message else slot.sticky_message)
-            outcome = outcomes.get(slot.name)
+        stickies: list[tuple[str, Reply | None]] = [
+            (slot.name, slot.sticky or (None if slot.left_message else slot.sticky_message))
+            for slot in self.slots
+        ]
+        stickies += [(hook.name, hook.sticky) for hook in self.hooks]
+        for name, sticky in stickies:
+            outcome = outcomes.get(name)
             if isinstance(outcome, list) and outcome and isinstance(outcome[-1], STAGE_REPLIES):
-                replies.append((slot.name, outcome[-1]))
+                replies.append((name, outcome[-1]))
             elif sticky is not None and isinstance(sticky, STAGE_REPLIES):
-                replies.append((slot.name, sticky))
+                replies.append((name, sticky))
         return replies
 
     async def _answer(self, stage: Stage, outcomes: dict[str, Outcome]) -> StageResult:
@@ -400,24 +565,30 @@ class MtaSession:
             return await self._send_if_awaited(_ALL_CONTINUE)  # the common case, decided
         negotiated = self.milter.connection.negotiated
         skip_allowed = negotiated is not None and negotiated.skip
-        if stage is Stage.BODY and skip_allowed and not replies:
+        hooks_want_body = stage is Stage.BODY and self._hooks_want_message()
+        if stage is Stage.BODY and skip_allowed and not replies and not hooks_want_body:
             targets = self._targets(message=True, body=True)
             if not any(client.negotiated.sends(Body) for _, client in targets):
                 return await self._send_if_awaited(StageResult(Skip(), Verdict.SKIP))
         answered = {name for name, _ in replies}
+        # A hook never ends its part early: while one is usable, the bridge must not answer
+        # ACCEPT, which would end the MTA's conversation before the hook's later stages.
         others = any(
             slot.name not in answered and (slot.live() is not None or not slot.joined)
             for slot in self.slots
             if not slot.gone
-        )
+        ) or any(hook.usable for hook in self.hooks)
         result = merge_stage(
             stage,
             replies,
             others_active=others,
-            others_want_body=stage is Stage.BODY
-            and any(
-                not c.skipping_body and c.negotiated.no_reply(Body)
-                for _, c in self._targets(message=True)
+            others_want_body=hooks_want_body
+            or (
+                stage is Stage.BODY
+                and any(
+                    not c.skipping_body and c.negotiated.no_reply(Body)
+                    for _, c in self._targets(message=True)
+                )
             ),
             skip_allowed=skip_allowed,
         )
@@ -434,10 +605,18 @@ class MtaSession:
     async def _end_of_message(self, macro: Macro | None) -> None:
         self.stats.messages += 1
         outcomes: dict[str, Outcome] = {}
+        hooks: _HookCalls = []
+        if any(hook.wants_message for hook in self.hooks):
+            variables = session_variables(self.history, self.macros)
+            hooks = [
+                (hook, ["data"])
+                for hook in self.hooks
+                if hook.wants_message and hook.config.enable.evaluate(variables)
+            ]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_mta_waiting)
             outcomes = await self._fan_out(
-                lambda client: client.command(macro, EndOfMessage()), message=True
+                lambda client: client.command(macro, EndOfMessage()), message=True, hooks=hooks
             )
             nursery.cancel_scope.cancel()
         replies = self._stage_replies(outcomes)
@@ -461,6 +640,10 @@ class MtaSession:
             edits = [e for e in edits if not isinstance(e, Progress)]
             if edits:
                 per_filter.append((slot.name, edits))
+        for hook in self.hooks:
+            # A hook that failed in this message contributes nothing: never half its edits.
+            if hook.usable and hook.pending:
+                per_filter.append((hook.name, list(hook.pending)))
         if not per_filter:
             return []
         mail = self.history.mail

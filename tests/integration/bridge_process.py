@@ -43,6 +43,9 @@ class BridgeProcess:
                     self.listen,
                     "--log-format",
                     "json",
+                    # Tests run side by side: never the fixed default admin port.
+                    "--admin-listen",
+                    "127.0.0.1:0",
                     *self.args,
                 ],
                 stdout=subprocess.DEVNULL,

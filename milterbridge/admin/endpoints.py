@@ -1,0 +1,84 @@
+"""The admin listener's endpoints: ``/metrics``, ``/healthz``, ``/readyz``.
+
+``/api`` (the JMAP-shaped admin API of design §10) belongs to a later version; until then it is
+answered 404 like any unknown path, so a client learns it is not there rather than getting an
+error that looks like a failed call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from ..config import parse_host_port
+from .health import Readiness
+from .http import Request, Response, serve_http, text_response
+
+_json = msgspec.json.Encoder()
+
+
+class AdminApp:
+    """Routes a request to its endpoint; every endpoint answers GET and HEAD only."""
+
+    def __init__(self, registry: CollectorRegistry, readiness: Readiness) -> None:
+        self.registry = registry
+        self.readiness = readiness
+        self._routes: dict[str, Callable[[Request], Response]] = {
+            "/metrics": self._metrics,
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+        }
+
+    async def __call__(self, request: Request) -> Response:
+        if request.path == "/api" or request.path.startswith("/api/"):
+            return text_response(404, "not found: this version has no admin API")
+        route = self._routes.get(request.path)
+        if route is None:
+            return text_response(404, "not found")
+        if request.method not in ("GET", "HEAD"):
+            return text_response(405, "method not allowed", Allow="GET, HEAD")
+        return route(request)
+
+    def _metrics(self, request: Request) -> Response:
+        # Prometheus asks for OpenMetrics in its Accept header and gets it; everyone else
+        # (curl, older scrapers) gets the classic text format.
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(200, encode(self.registry), content_type)
+
+    def _healthz(self, request: Request) -> Response:
+        return text_response(200, "ok")
+
+    def _readyz(self, request: Request) -> Response:
+        report = self.readiness.report()
+        return Response(
+            200 if report.ready else 503,
+            _json.encode(report) + b"\n",
+            "application/json",
+            headers=[("Cache-Control", "no-store")],
+        )
+
+
+async def serve_admin(
+    listen: str,
+    registry: CollectorRegistry,
+    readiness: Readiness,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the admin endpoints on ``listen`` (``HOST:PORT``) until cancelled.
+
+    Reports the bound ``HOST:PORT`` (with the real port when 0 was asked for).
+
+    Raises:
+        ValueError: ``listen`` is not ``HOST:PORT`` (the config loader has checked it already).
+        OSError: the address cannot be bound.
+    """
+    host, port = parse_host_port(listen)
+    await serve_http(host, port, AdminApp(registry, readiness), task_status=task_status)
+
+
+__all__ = ["AdminApp", "serve_admin"]
