@@ -142,7 +142,8 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None
                 return
             started = trio.current_time()
             response = await _handle(handler, request)
-            await _send_response(conn, stream, response, head=request.method == "HEAD")
+            # Logged before the answer goes out, so that whoever reads the answer can rely on
+            # the line being there (the tests do).
             log.debug(
                 "admin_request",
                 method=request.method,
@@ -150,6 +151,7 @@ async def _serve_connection(stream: trio.SocketStream, handler: Handler) -> None
                 status=response.status,
                 seconds=round(trio.current_time() - started, 6),
             )
+            await _send_response(conn, stream, response, head=request.method == "HEAD")
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return  # HTTP/1.0, Connection: close, or a body we did not read
             conn.start_next_cycle()
