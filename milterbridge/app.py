@@ -44,6 +44,7 @@ class SessionFactory:
     config: Config
     cache: OptionsCache
     hook_client: HookClient
+    metrics: Metrics
     client_counts: ClientCounts = field(default_factory=ClientCounts)
 
     async def __call__(self, stream: trio.SocketStream) -> None:
@@ -59,6 +60,7 @@ class SessionFactory:
             spool_memory=int(server.spool_memory),
             spool_directory=server.spool_directory,
             client_counts=self.client_counts,
+            metrics=self.metrics,
         )
         await session.run()
 
@@ -197,7 +199,7 @@ async def serve(
     cache: OptionsCache = {}
     try:
         async with HookClient() as hook_client, trio.open_nursery() as nursery:
-            handler = SessionFactory(config, cache, hook_client)
+            handler = SessionFactory(config, cache, hook_client, metrics)
             # From here serve_listeners owns the listeners and closes them when it ends.
             await nursery.start(trio.serve_listeners, handler, listeners)
             admin: str | None = None

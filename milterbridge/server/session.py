@@ -35,6 +35,7 @@ from typing import Protocol
 
 import structlog
 import trio
+from prometheus_client import CollectorRegistry
 
 from ..config import HookFilter, MilterFilter
 from ..engine.apply import MessageState
@@ -47,7 +48,9 @@ from ..engine.verdicts import (
     StageResult,
     Verdict,
     merge_stage,
+    verdict_of,
 )
+from ..metrics import Metrics
 from ..milter import (
     CLOSED,
     Abort,
@@ -67,6 +70,7 @@ from ..milter import (
     OptNeg,
     Progress,
     ProtocolError,
+    Quarantine,
     Quit,
     QuitNoClose,
     Rcpt,
@@ -77,7 +81,7 @@ from ..milter import (
     Unknown,
 )
 from ..transport import MilterStream
-from ..upstream import UpstreamFailure, UpstreamMilter, connect_upstream
+from ..upstream import FailureKind, UpstreamFailure, UpstreamMilter, connect_upstream
 from ..upstream.hook_request import HookInput
 from .filters import (
     FilterSlot,
@@ -90,6 +94,7 @@ from .filters import (
     listed_at,
 )
 from .options import answer_mta, offer_for_upstreams
+from .report import MessageReport, edit_counts
 from .spool import MessageSpool
 from .variables import session_variables
 
@@ -173,6 +178,7 @@ class MtaSession:
         spool_memory: int = 1024 * 1024,
         spool_directory: str | None = None,
         client_counts: ClientCounts | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         if hooks and hook_client is None:
             raise ValueError("hooks need a hook client")
@@ -185,6 +191,14 @@ class MtaSession:
         self.spool = MessageSpool(spool_memory, spool_directory)
         self.client_counts = ClientCounts() if client_counts is None else client_counts
         self.counted_client: str | None = None
+        if metrics is None:  # a session of its own (tests, `send`): count into the void
+            names = [*(f.name for f in filters), *(h.name for h in hooks)]
+            metrics = Metrics(CollectorRegistry(), names, process_metrics=False)
+        self.metrics = metrics
+        #: The message in progress, from MAIL to its end.
+        self.report: MessageReport | None = None
+        #: When the MTA's latest command arrived: the MTA waits from then on.
+        self.received_at = 0.0
         self.cache: OptionsCache = {} if options_cache is None else options_cache
         self.history = History()
         self.offer: OptNeg | None = None
@@ -197,10 +211,12 @@ class MtaSession:
     async def run(self) -> None:
         """Serve the connection until it ends; never raises for a peer's misbehaviour."""
         with structlog.contextvars.bound_contextvars(session_id=self.session_id):
+            self.metrics.session_opened()
             try:
                 await self._serve()
             except ProtocolError as exc:
                 self.stats.outcome, self.stats.error = "protocol_error", str(exc)
+                self.metrics.protocol_error("mta")
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self.stats.outcome, self.stats.error = "connection_lost", str(exc) or None
             except CloseMta as exc:
@@ -212,6 +228,8 @@ class MtaSession:
                 await trio.aclose_forcefully(self.milter.stream)
                 self.spool.reset()
                 self._count_client(None)
+                self._end_message("aborted")
+                self.metrics.session_closed()
                 self._log_end()
 
     # --- the MTA loop -------------------------------------------------------------------
@@ -219,6 +237,7 @@ class MtaSession:
     async def _serve(self) -> None:
         while True:
             event = await self.milter.receive()
+            self.received_at = trio.current_time()
             if event is CLOSED:
                 return
             if not isinstance(event, Macro):
@@ -251,7 +270,8 @@ class MtaSession:
                 case EndOfMessage():
                     await self._end_of_message(self._take_macro())
                 case Body():
-                    await self._answer(Stage.BODY, await self._body(event))
+                    result = await self._answer(Stage.BODY, await self._body(event))
+                    self._ended_early(Stage.BODY, result)
                 case Command():
                     await self._step(event)
             self.macro = None
@@ -271,13 +291,16 @@ class MtaSession:
             if isinstance(command, Mail | Rcpt | Data):
                 await self._leave(type(command), current)
             hooks = self._hook_calls(type(command), current)
+        stage = Stage.of(type(command))
         outcomes = await self._fan_out(
             lambda client: client.command(macro, command),
+            stage=stage,
             message=_in_message(command),
             hooks=hooks,
             current=command if isinstance(command, Rcpt) else None,
         )
-        result = await self._answer(Stage.of(type(command)), outcomes)
+        result = await self._answer(stage, outcomes)
+        self._ended_early(stage, result)
         if isinstance(command, Rcpt) and not result.recipient_only:
             self.history.recipients.append((macro, command))
 
@@ -291,6 +314,7 @@ class MtaSession:
                 self.history.helo = (macro, command)
             case Mail():
                 self._new_message()
+                self.report = MessageReport(self.received_at)
                 self.history.mail = (macro, command)
                 self.authenticated = any(
                     name == b"{auth_authen}" and value
@@ -300,6 +324,7 @@ class MtaSession:
                 self.headers.append((command.name, command.value))
 
     def _new_message(self) -> None:
+        self._end_message("aborted")
         self.history.new_message()
         self.headers = []
         self.spool.reset()
@@ -352,6 +377,7 @@ class MtaSession:
             return
         slot.client = client
         self.cache[slot.name] = client.negotiated
+        self.metrics.filter_up(slot.name, True)
         for macro, replayed in self.history.before(command):
             if client.done_for_connection or (
                 client.done_for_message and not isinstance(replayed, Mail)
@@ -414,6 +440,13 @@ class MtaSession:
             cause=failure.cause,
             policy="tempfail" if slot.config.temp_fail_on_error else "skip",
         )
+        self.metrics.filter_failed(slot.name, failure.kind.value)
+        if failure.kind in _PROTOCOL_FAILURES:
+            self.metrics.protocol_error("filter")
+        if failure.kind in _UNREACHABLE:
+            self.metrics.filter_up(slot.name, False)
+        if self.report is not None:
+            self.report.failed(slot.name, failure.kind.value)
         if isinstance(slot, FilterSlot):
             slot.client = None
         if slot.config.temp_fail_on_error:
@@ -480,7 +513,10 @@ class MtaSession:
             reply = answer.reply
             if type(reply) is not Continue:
                 break
-        return [reply]
+        self.metrics.filter_up(slot.name, True)
+        # The edits ride along only so that the verdict label can say "quarantine"; the hook's
+        # edits reach the script from ``pending``.
+        return [*answer.edits, reply]
 
     def _hooks_want_message(self) -> bool:
         return any(slot.wants_message for slot in self.hooks)
@@ -505,6 +541,7 @@ class MtaSession:
         self,
         call: _Call,
         *,
+        stage: Stage,
         message: bool,
         body: bool = False,
         hooks: _HookCalls | None = None,
@@ -513,14 +550,18 @@ class MtaSession:
         outcomes: dict[str, Outcome] = {}
 
         async def ask(slot: FilterSlot, client: UpstreamMilter) -> None:
+            started = trio.current_time()
             try:
                 outcomes[slot.name] = await call(client)
             except UpstreamFailure as failure:
                 outcomes[slot.name] = failure
                 self._failed(slot, failure)
+            self._count_answer(slot.name, stage, outcomes[slot.name], started)
 
         async def ask_hook(slot: HookSlot, stages: list[str]) -> None:
+            started = trio.current_time()
             outcomes[slot.name] = await self._ask_hook(slot, stages, current)
+            self._count_answer(slot.name, stage, outcomes[slot.name], started)
 
         targets = self._targets(message, body)
         hooks = hooks or []
@@ -539,7 +580,10 @@ class MtaSession:
         if self._hooks_want_message():
             self.spool.write(chunk.chunk)
         return await self._fan_out(
-            lambda client: client.body(macro, chunk.chunk), message=True, body=True
+            lambda client: client.body(macro, chunk.chunk),
+            stage=Stage.BODY,
+            message=True,
+            body=True,
         )
 
     def _stage_replies(self, outcomes: dict[str, Outcome]) -> list[tuple[str, StageReply]]:
@@ -562,14 +606,14 @@ class MtaSession:
         """Merge the stage's replies and answer the MTA, if it waits for an answer."""
         replies = self._stage_replies(outcomes)
         if replies and all(type(reply) is Continue for _, reply in replies):
-            return await self._send_if_awaited(_ALL_CONTINUE)  # the common case, decided
+            return await self._send_if_awaited(_ALL_CONTINUE, stage)  # the common case, decided
         negotiated = self.milter.connection.negotiated
         skip_allowed = negotiated is not None and negotiated.skip
         hooks_want_body = stage is Stage.BODY and self._hooks_want_message()
         if stage is Stage.BODY and skip_allowed and not replies and not hooks_want_body:
             targets = self._targets(message=True, body=True)
             if not any(client.negotiated.sends(Body) for _, client in targets):
-                return await self._send_if_awaited(StageResult(Skip(), Verdict.SKIP))
+                return await self._send_if_awaited(StageResult(Skip(), Verdict.SKIP), stage)
         answered = {name for name, _ in replies}
         # A hook never ends its part early: while one is usable, the bridge must not answer
         # ACCEPT, which would end the MTA's conversation before the hook's later stages.
@@ -592,13 +636,56 @@ class MtaSession:
             ),
             skip_allowed=skip_allowed,
         )
-        return await self._send_if_awaited(result)
+        return await self._send_if_awaited(result, stage)
 
-    async def _send_if_awaited(self, result: StageResult) -> StageResult:
+    async def _send_if_awaited(self, result: StageResult, stage: Stage) -> StageResult:
         """Answer the MTA unless it negotiated no reply for this step."""
         if self.milter.connection.awaiting is not None:
             await self.milter.send(result.reply)
+            self.metrics.stage_waited(stage.value, trio.current_time() - self.received_at)
         return result
+
+    # --- accounting ---------------------------------------------------------------------
+
+    def _count_answer(self, name: str, stage: Stage, outcome: Outcome, started: float) -> None:
+        """One filter's answer to one step, for the metrics and the message's record."""
+        seconds = trio.current_time() - started
+        if isinstance(outcome, UpstreamFailure):
+            verdict = "error"
+        elif outcome and isinstance(final := outcome[-1], STAGE_REPLIES):
+            quarantined = any(isinstance(edit, Quarantine) for edit in outcome)
+            verdict = "quarantine" if quarantined else verdict_of(final, stage).value
+        else:
+            return  # a step sent without waiting for an answer (no-reply)
+        self.metrics.filter_answered(name, stage.value, verdict, seconds)
+        if self.report is not None:
+            self.report.answered(name, verdict, seconds)
+
+    def _ended_early(self, stage: Stage, result: StageResult) -> None:
+        """A refusal at a message stage before end-of-message ends the message there."""
+        if stage in _MESSAGE_STAGES and result.verdict in _REFUSALS:
+            self._end_message(result.verdict.value)
+
+    def _end_message(self, verdict: str, edits: Sequence[Reply] = ()) -> None:
+        """Log the message's canonical line and count it (``aborted`` ones are not counted)."""
+        report, self.report = self.report, None
+        if report is None:
+            return
+        if verdict != "aborted":
+            self.metrics.message(verdict)
+        mail = self.history.mail[1] if self.history.mail else None
+        helo = self.history.helo[1] if self.history.helo else None
+        log.info(
+            "message_end",
+            queue_id=self.macros.get("i"),
+            client=self.stats.client,
+            helo=helo.name.decode("utf-8", "replace") if isinstance(helo, Helo) else None,
+            sender=mail.address.decode("utf-8", "replace") if isinstance(mail, Mail) else None,
+            recipients=len(self.history.recipients),
+            verdict=verdict,
+            **report.fields(),
+            duration=round(trio.current_time() - report.started, 6),
+        )
 
     # --- end of message -----------------------------------------------------------------
 
@@ -616,15 +703,27 @@ class MtaSession:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._keep_mta_waiting)
             outcomes = await self._fan_out(
-                lambda client: client.command(macro, EndOfMessage()), message=True, hooks=hooks
+                lambda client: client.command(macro, EndOfMessage()),
+                stage=Stage.EOM,
+                message=True,
+                hooks=hooks,
             )
             nursery.cancel_scope.cancel()
         replies = self._stage_replies(outcomes)
         result = merge_stage(Stage.EOM, replies)
         script: list[Reply] = []
-        if result.reply in (Continue(), Accept()):
+        accepted = result.reply in (Continue(), Accept())
+        if accepted:
             script = self._merged_edits(outcomes)
         await self.milter.send(*script, result.reply)
+        self.metrics.stage_waited(Stage.EOM.value, trio.current_time() - self.received_at)
+        if not accepted:
+            verdict = result.verdict.value
+        elif any(isinstance(edit, Quarantine) for edit in script):
+            verdict = "quarantine"
+        else:
+            verdict = "accept"  # CONTINUE at end-of-message is acceptance
+        self._end_message(verdict)
 
     async def _keep_mta_waiting(self) -> None:
         while True:
@@ -653,7 +752,14 @@ class MtaSession:
             recipients=[r.address for _, r in self.history.recipients if isinstance(r, Rcpt)],
         )
         merged = merge_edits(original, per_filter)
+        for name, edits in per_filter:
+            counts = edit_counts(edits)
+            for kind, number in counts.items():
+                self.metrics.edits(name, kind, number)
+            if self.report is not None:
+                self.report.edits.update(counts)
         for conflict in merged.conflicts:
+            self.metrics.merge_conflict(conflict.kind.value)
             log.info(
                 "merge_conflict",
                 kind=conflict.kind.value,
@@ -698,6 +804,18 @@ class MtaSession:
             error=stats.error,
             duration=round(trio.current_time() - stats.started, 6),
         )
+
+
+#: Failures that are a protocol violation by the filter (``protocol_errors_total{peer="filter"}``).
+_PROTOCOL_FAILURES = frozenset(
+    {FailureKind.GARBAGE, FailureKind.OVERSIZE, FailureKind.PROTOCOL, FailureKind.NEGOTIATION}
+)
+#: Failures that say the filter cannot be reached (``filter_up`` 0).
+_UNREACHABLE = frozenset({FailureKind.REFUSED, FailureKind.CONNECT_TIMEOUT, FailureKind.TLS})
+#: Stages at which a refusal ends the message (RCPT refuses one recipient, CONNECT/HELO no
+#: message has begun).
+_MESSAGE_STAGES = frozenset({Stage.MAIL, Stage.DATA, Stage.HEADER, Stage.EOH, Stage.BODY})
+_REFUSALS = frozenset({Verdict.REJECT, Verdict.TEMPFAIL, Verdict.DISCARD, Verdict.SHUTDOWN})
 
 
 def _macro_name(name: bytes) -> str:

@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 
 from milterbridge.config import Expression, ExpressionMatch, HookFilter, MilterFilter
 from milterbridge.engine.hook_answer import HookAnswer
+from milterbridge.metrics import Metrics
 from milterbridge.milter import (
     ALL_ACTIONS,
     ALL_PROTOCOL,
@@ -100,6 +101,7 @@ async def play(
     spool_memory: int = 1 << 20,
     counts: ClientCounts | None = None,
     protocol: Protocol = ALL_PROTOCOL,
+    metrics: Metrics | None = None,
 ) -> tuple[OptNegReply, list[tuple[Command, Reply]]]:
     """Our codec plays Postfix through ``commands``; returns the OPTNEG answer and each reply."""
     mta_stream, session_stream = trio.testing.memory_stream_pair()
@@ -112,6 +114,7 @@ async def play(
         hook_client=client,
         spool_memory=spool_memory,
         client_counts=counts,
+        metrics=metrics,
     )
     mta = MilterStream(mta_stream, Connection(Role.MTA))
     answers: list[tuple[Command, Reply]] = []
