@@ -77,8 +77,13 @@ class CountingHook:
         self.received: list[int] = []
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
+        if scope["type"] == "lifespan":
+            while True:
+                event = await receive()
+                kind = event["type"].removeprefix("lifespan.")
+                await send({"type": f"lifespan.{kind}.complete"})
+                if kind == "shutdown":
+                    return
         size = 0
         while True:
             message = await receive()
@@ -111,6 +116,9 @@ async def play_message(port: int, body_size: int, sampler: list[int] | None, pid
     mta = MilterStream(stream, Connection(Role.MTA))
 
     async def ask(command: Any) -> Reply | None:
+        options = mta.connection.negotiated
+        if options is not None and not options.sends(type(command)):
+            return None  # as Postfix does: a step the bridge declined is not sent
         await mta.send(command)
         reply: Reply | None = None
         while mta.connection.awaiting is not None:

@@ -240,6 +240,7 @@ class MtaSession:
             self.received_at = trio.current_time()
             if event is CLOSED:
                 return
+            log.debug("mta_packet", packet=type(event).__name__)
             if not isinstance(event, Macro):
                 self.stats.commands += 1
             match event:
@@ -642,6 +643,7 @@ class MtaSession:
         """Answer the MTA unless it negotiated no reply for this step."""
         if self.milter.connection.awaiting is not None:
             await self.milter.send(result.reply)
+            log.debug("mta_reply", reply=type(result.reply).__name__)
             self.metrics.stage_waited(stage.value, trio.current_time() - self.received_at)
         return result
 
@@ -716,6 +718,7 @@ class MtaSession:
         if accepted:
             script = self._merged_edits(outcomes)
         await self.milter.send(*script, result.reply)
+        log.debug("mta_reply", reply=type(result.reply).__name__, edits=len(script))
         self.metrics.stage_waited(Stage.EOM.value, trio.current_time() - self.received_at)
         if not accepted:
             verdict = result.verdict.value

@@ -49,6 +49,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import structlog
 import trio
 
 from ..milter import (
@@ -74,6 +75,9 @@ from ..milter.state import MACRO_STAGE
 from ..transport import READ_SIZE, MilterStream
 from .endpoint import UpstreamEndpoint, upstream_offer
 from .failure import STAGE_NAMES, FailureKind, UpstreamFailure, classify, describe
+
+#: Per-exchange tracing, at debug level only (packet kinds, never their content).
+_trace = structlog.get_logger("milterbridge.upstream")
 
 #: Opens the byte stream to an upstream (TCP or Unix socket by default; tests inject others).
 StreamOpener = Callable[[UpstreamEndpoint], Awaitable[trio.abc.Stream]]
@@ -381,7 +385,14 @@ class UpstreamMilter(trio.abc.AsyncResource):
         async with self._guard(kind, stage) as scope:
             await self._refuse_unsolicited(stage)
             await self.milter.send(*packets)
-            return await _read_replies(self.milter, scope, self._timeout(kind)[0])
+            replies = await _read_replies(self.milter, scope, self._timeout(kind)[0])
+            _trace.debug(
+                "filter_packets",
+                filter=self.endpoint.name,
+                sent=[type(packet).__name__ for packet in packets],
+                received=[type(reply).__name__ for reply in replies],
+            )
+            return replies
         raise AssertionError("unreachable")  # pragma: no cover -- the guard never swallows
 
     def _timeout(self, kind: type[Command]) -> tuple[float, FailureKind]:

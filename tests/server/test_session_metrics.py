@@ -147,3 +147,15 @@ async def test_a_message_refused_at_mail_is_counted_with_its_verdict() -> None:
         await play([_hook(stages=["mail"])], RecordingHooks(decide), MESSAGE[:3], metrics=metrics)
     assert registry.get_sample_value("milterbridge_messages_total", {"verdict": "reject"}) == 1
     assert [entry["verdict"] for entry in logs if entry["event"] == "message_end"] == ["reject"]
+
+
+async def test_packets_are_traced_at_debug_only_by_kind() -> None:
+    """Per-packet lines exist (debug) and name packet kinds, never content."""
+    with capture_logs() as logs:
+        await play([_hook()], RecordingHooks(_hook_edit))
+    packets = [entry["packet"] for entry in logs if entry["event"] == "mta_packet"]
+    assert packets[:3] == ["OptNeg", "Connect", "Helo"]
+    assert {entry["log_level"] for entry in logs if entry["event"].startswith("mta_")} == {"debug"}
+    for entry in logs:
+        if entry["event"] == "mta_packet":
+            assert set(entry) <= {"event", "log_level", "packet", "session_id"}
