@@ -199,6 +199,8 @@ class MtaSession:
         self.report: MessageReport | None = None
         #: When the MTA's latest command arrived: the MTA waits from then on.
         self.received_at = 0.0
+        #: Cancelled by abandon(): everything the session does for the MTA runs inside it.
+        self._work = trio.CancelScope()
         self.cache: OptionsCache = {} if options_cache is None else options_cache
         self.history = History()
         self.offer: OptNeg | None = None
@@ -213,7 +215,10 @@ class MtaSession:
         with structlog.contextvars.bound_contextvars(session_id=self.session_id):
             self.metrics.session_opened()
             try:
-                await self._serve()
+                with self._work:
+                    await self._serve()
+                if self._work.cancelled_caught:
+                    await self._answer_abandoned()
             except ProtocolError as exc:
                 self.stats.outcome, self.stats.error = "protocol_error", str(exc)
                 self.metrics.protocol_error("mta")
@@ -231,6 +236,21 @@ class MtaSession:
                 self._end_message("aborted")
                 self.metrics.session_closed()
                 self._log_end()
+
+    def abandon(self) -> None:
+        """Stop now (the drain deadline passed): a step in progress is answered TEMPFAIL.
+
+        The MTA then retries that message later; a session idle between commands is simply
+        closed. Safe to call at any time, also before ``run`` starts or after it ended.
+        """
+        self._work.cancel()
+
+    async def _answer_abandoned(self) -> None:
+        self.stats.outcome = "abandoned"
+        awaiting = self.milter.connection.awaiting
+        if awaiting is not None and awaiting is not OptNeg:
+            with trio.move_on_after(GOODBYE_SECONDS):
+                await self.milter.send(Tempfail())
 
     # --- the MTA loop -------------------------------------------------------------------
 
