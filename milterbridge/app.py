@@ -26,7 +26,8 @@ from .admin import Readiness, serve_admin
 from .config import Config, MilterFilter
 from .listeners import bound_address, open_listener, parse_listener
 from .metrics import Metrics
-from .milter import ALL_ACTIONS, ALL_PROTOCOL, DEFAULT_MAX_PACKET, OptNeg
+from .milter import ALL_ACTIONS, ALL_PROTOCOL, OptNeg
+from .server.circuit import CircuitBreakers
 from .server.filters import OptionsCache, endpoint_of
 from .server.session import ClientCounts, MtaSession, new_session_id
 from .upstream import HookClient, UpstreamFailure, connect_upstream
@@ -45,13 +46,14 @@ class SessionFactory:
     cache: OptionsCache
     hook_client: HookClient
     metrics: Metrics
+    breakers: CircuitBreakers
     client_counts: ClientCounts = field(default_factory=ClientCounts)
 
     async def __call__(self, stream: trio.SocketStream) -> None:
         server = self.config.server
         session = MtaSession(
             stream,
-            max_packet=DEFAULT_MAX_PACKET,
+            max_packet=int(server.max_mta_packet),
             session_id=new_session_id(),
             filters=self.config.milter,
             hooks=self.config.hook,
@@ -61,6 +63,9 @@ class SessionFactory:
             spool_directory=server.spool_directory,
             client_counts=self.client_counts,
             metrics=self.metrics,
+            breakers=self.breakers,
+            max_headers=server.max_headers,
+            max_recipients=server.max_recipients,
         )
         await session.run()
 
@@ -140,6 +145,25 @@ def filter_health(metrics: Metrics, readiness: Readiness) -> ProbeReport:
     return report
 
 
+def circuit_breakers(config: Config, metrics: Metrics, readiness: Readiness) -> CircuitBreakers:
+    """The process's circuit breakers, reporting to the gauge and the readiness."""
+
+    milters = {milter.name for milter in config.milter}
+
+    def report(name: str, is_open: bool) -> None:
+        metrics.filter_circuit(name, is_open)
+        if name in milters:  # the readiness follows the milters only (hooks are not probed)
+            readiness.filter_circuit(name, is_open)
+
+    server = config.server
+    return CircuitBreakers(
+        failures=server.circuit_failures,
+        backoff=float(server.circuit_backoff),
+        backoff_max=float(server.circuit_backoff_max),
+        report=report,
+    )
+
+
 class CannotListen(Exception):
     """A listener (milter or admin) cannot be opened: the address is taken, not ours, or not
     allowed. The message names the listener and the operating system's reason.
@@ -199,7 +223,8 @@ async def serve(
     cache: OptionsCache = {}
     try:
         async with HookClient() as hook_client, trio.open_nursery() as nursery:
-            handler = SessionFactory(config, cache, hook_client, metrics)
+            breakers = circuit_breakers(config, metrics, readiness)
+            handler = SessionFactory(config, cache, hook_client, metrics, breakers)
             # From here serve_listeners owns the listeners and closes them when it ends.
             await nursery.start(trio.serve_listeners, handler, listeners)
             admin: str | None = None

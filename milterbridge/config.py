@@ -30,6 +30,8 @@ DEFAULT_ADMIN_LISTEN = "127.0.0.1:8900"
 Stage = Literal["connect", "ehlo", "auth", "mail", "rcpt", "data"]
 #: Every stage, in the order an SMTP session reaches them.
 SMTP_STAGE_ORDER: Final[tuple[Stage, ...]] = ("connect", "ehlo", "auth", "mail", "rcpt", "data")
+#: Whether a filter's answers reach the MTA ("enforce") or are only logged ("observe").
+Mode = Literal["enforce", "observe"]
 #: The milter protocol version spoken to an upstream filter.
 MilterVersion = Literal["v6", "v2"]
 #: A filter name: it becomes a metric label and a log field, so it is short and plain.
@@ -42,6 +44,8 @@ PROTOCOL_FLAGS_MASK: Final = int(ALL_PROTOCOL | Protocol.MDS_256K | Protocol.MDS
 
 # Longest path a Unix socket address holds on Linux (sun_path is 108 bytes with the NUL).
 _SUN_PATH_MAX = 107
+#: A body chunk (65,535 bytes) plus its command byte must always fit.
+_MIN_MTA_PACKET = 65536
 _HOST_NAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9_-]{1,63}(\.[A-Za-z0-9_-]{1,63})*\.?")
 
 
@@ -74,12 +78,34 @@ class ServerConfig(Base, frozen=True):
     )
     #: Permissions of unix: sockets, octal as in chmod.
     socket_mode: Annotated[str, msgspec.Meta(pattern=r"^0?[0-7]{3}$")] = "0660"
+    #: MTA sessions served at once; a connection beyond them is answered TEMPFAIL at CONNECT.
+    max_sessions: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    #: How long SIGTERM waits for running sessions before answering them TEMPFAIL.
+    drain_deadline: Duration = Duration(30.0)
     #: Bytes of a message body kept in memory per session (for hooks) before spilling to disk.
     spool_memory: Size = Size(1024 * 1024)
     #: Where spilled bodies go (anonymous, already unlinked files); None: the system's TMPDIR.
     spool_directory: str | None = None
+    #: Largest packet accepted from the MTA (command byte plus payload).
+    max_mta_packet: Size = Size(1024 * 1024 + 1)
+    #: Headers per message; the one beyond is refused (552 5.3.4).
+    max_headers: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    #: Recipients per message; each one beyond is refused (452 4.5.3).
+    max_recipients: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    #: Consecutive failures after which a filter's circuit opens.
+    circuit_failures: Annotated[int, msgspec.Meta(ge=1)] = 5
+    #: How long an open circuit stays open before one attempt may go through.
+    circuit_backoff: Duration = Duration(10.0)
+    #: The longest back-off (it doubles after each failed attempt).
+    circuit_backoff_max: Duration = Duration(300.0)
 
     def __post_init__(self) -> None:
+        if self.max_mta_packet < _MIN_MTA_PACKET:
+            raise _KeyProblem(
+                "maxMtaPacket",
+                f"{int(self.max_mta_packet)} is too small: the MTA sends body chunks of up to "
+                f"{_MIN_MTA_PACKET - 1} bytes",
+            )
         for spec in self.listen:
             try:
                 parse_listener(spec)
@@ -184,6 +210,8 @@ class MilterFilter(Base, frozen=True):
     #: SMFIP_* bits to offer instead of the default; None: the default.
     flags_protocol: int | None = None
     enable: Expression = msgspec.field(default_factory=_always)
+    #: "enforce": its answers count; "observe": logged and counted, never reach the MTA.
+    mode: Mode = "enforce"
 
     def __post_init__(self) -> None:
         self._check_address()
@@ -329,6 +357,8 @@ class HookFilter(Base, frozen=True):
     #: Largest response body read; beyond it the call is a filter error.
     max_response_size: Size = Size(52428800)
     http_auth: HttpAuth = msgspec.field(default_factory=HttpAuthUnauthenticated)
+    #: "enforce": its answers count; "observe": logged and counted, never reach the MTA.
+    mode: Mode = "enforce"
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)

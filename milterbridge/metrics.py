@@ -121,7 +121,7 @@ LIMITS: Final = (
     "max_response_size",
     "max_headers",
     "max_recipients",
-    "max_session_memory",
+    "spool_memory",
     "drain_deadline",
 )
 

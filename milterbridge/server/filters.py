@@ -132,6 +132,11 @@ class FilterSlot:
         return self.config.name
 
     @property
+    def observing(self) -> bool:
+        """In observe mode: it gets every event, its answers never reach the MTA."""
+        return self.config.mode == "observe"
+
+    @property
     def joined(self) -> bool:
         return self.client is not None
 
@@ -182,6 +187,11 @@ class HookSlot:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def observing(self) -> bool:
+        """In observe mode: it gets every event, its answers never reach the MTA."""
+        return self.config.mode == "observe"
 
     @property
     def usable(self) -> bool:

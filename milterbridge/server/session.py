@@ -62,7 +62,9 @@ from ..milter import (
     Continue,
     Data,
     DelRcpt,
+    EndOfHeaders,
     EndOfMessage,
+    ErrorKind,
     Header,
     Helo,
     Macro,
@@ -75,6 +77,7 @@ from ..milter import (
     QuitNoClose,
     Rcpt,
     Reply,
+    ReplyCode,
     Role,
     Skip,
     Tempfail,
@@ -83,6 +86,7 @@ from ..milter import (
 from ..transport import MilterStream
 from ..upstream import FailureKind, UpstreamFailure, UpstreamMilter, connect_upstream
 from ..upstream.hook_request import HookInput
+from .circuit import CircuitBreakers
 from .filters import (
     FilterSlot,
     History,
@@ -179,6 +183,9 @@ class MtaSession:
         spool_directory: str | None = None,
         client_counts: ClientCounts | None = None,
         metrics: Metrics | None = None,
+        breakers: CircuitBreakers | None = None,
+        max_headers: int = 1000,
+        max_recipients: int = 1000,
     ) -> None:
         if hooks and hook_client is None:
             raise ValueError("hooks need a hook client")
@@ -187,6 +194,11 @@ class MtaSession:
         self.stats = SessionStats()
         self.slots = build_slots(filters)
         self.hooks = build_hook_slots(hooks)
+        #: Filters in observe mode, by name.
+        self.observers = frozenset(
+            [slot.name for slot in self.slots if slot.observing]
+            + [hook.name for hook in self.hooks if hook.observing]
+        )
         self.hook_client = hook_client
         self.spool = MessageSpool(spool_memory, spool_directory)
         self.client_counts = ClientCounts() if client_counts is None else client_counts
@@ -201,6 +213,12 @@ class MtaSession:
         self.received_at = 0.0
         #: Cancelled by abandon(): everything the session does for the MTA runs inside it.
         self._work = trio.CancelScope()
+        #: Shared by the process's sessions; a session of its own gets private ones.
+        self.breakers = CircuitBreakers() if breakers is None else breakers
+        self.max_headers = max_headers
+        self.max_recipients = max_recipients
+        #: A limit refused the message: the answer to its remaining steps (design §12).
+        self.refusal: StageResult | None = None
         self.cache: OptionsCache = {} if options_cache is None else options_cache
         self.history = History()
         self.offer: OptNeg | None = None
@@ -222,6 +240,8 @@ class MtaSession:
             except ProtocolError as exc:
                 self.stats.outcome, self.stats.error = "protocol_error", str(exc)
                 self.metrics.protocol_error("mta")
+                if exc.kind is ErrorKind.OVERSIZE:
+                    self._limit_hit("max_mta_packet")
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self.stats.outcome, self.stats.error = "connection_lost", str(exc) or None
             except CloseMta as exc:
@@ -288,8 +308,13 @@ class MtaSession:
                 case Abort():
                     self.stats.aborts += 1
                     await self._abort()
+                case EndOfMessage() if self.refusal is not None:
+                    await self._send_if_awaited(self.refusal, Stage.EOM)
+                    self._end_message(self.refusal.verdict.value)
                 case EndOfMessage():
                     await self._end_of_message(self._take_macro())
+                case Body() if self.refusal is not None:
+                    await self._send_if_awaited(self.refusal, Stage.BODY)
                 case Body():
                     result = await self._answer(Stage.BODY, await self._body(event))
                     self._ended_early(Stage.BODY, result)
@@ -304,6 +329,8 @@ class MtaSession:
     async def _step(self, command: Command) -> None:
         """An envelope, header or unknown command: join, replay, fan out, merge, answer."""
         macro = self._take_macro()
+        if await self._over_limit(command):
+            return
         self._remember(macro, command)
         hooks: _HookCalls = []
         if isinstance(command, Connect | Helo | Mail | Rcpt | Data):
@@ -346,6 +373,7 @@ class MtaSession:
 
     def _new_message(self) -> None:
         self._end_message("aborted")
+        self.refusal = None
         self.history.new_message()
         self.headers = []
         self.spool.reset()
@@ -361,6 +389,34 @@ class MtaSession:
         self.counted_client = address
         if address is not None:
             self.client_counts.opened(address)
+
+    # --- limits -------------------------------------------------------------------------
+
+    async def _over_limit(self, command: Command) -> bool:
+        """Answer the command from a limit, without asking any filter (design §12)."""
+        stage: Stage | None = None
+        if self.refusal is not None and isinstance(command, Header | EndOfHeaders):
+            stage = Stage.of(type(command))
+            result = self.refusal
+        elif isinstance(command, Header) and len(self.headers) >= self.max_headers:
+            # Refused for the rest of the message, answered at the first step the MTA awaits
+            # (with no-reply headers that is end-of-headers or later).
+            self.refusal = result = StageResult(TOO_MANY_HEADERS, Verdict.REJECT)
+            self._limit_hit("max_headers", count=len(self.headers))
+            stage = Stage.HEADER
+        elif isinstance(command, Rcpt) and len(self.history.recipients) >= self.max_recipients:
+            # 452 for this recipient only: the client sends the rest in a later transaction.
+            result = StageResult(TOO_MANY_RECIPIENTS, Verdict.TEMPFAIL, recipient_only=True)
+            self._limit_hit("max_recipients", count=len(self.history.recipients))
+            stage = Stage.RCPT
+        if stage is None:
+            return False
+        await self._send_if_awaited(result, stage)
+        return True
+
+    def _limit_hit(self, limit: str, **fields: object) -> None:
+        log.warning("limit_hit", limit=limit, **fields)
+        self.metrics.limit_hit(limit)
 
     # --- joining ------------------------------------------------------------------------
 
@@ -381,9 +437,17 @@ class MtaSession:
             return
         async with trio.open_nursery() as nursery:
             for slot in joining:
-                nursery.start_soon(self._join_one, slot, command)
-        failed = [slot for slot in joining if slot.client is None]
-        if failed and len(failed) == len(joining) and not any(s.live() for s in self.slots):
+                if self.breakers.admit(slot.name):
+                    nursery.start_soon(self._join_one, slot, command)
+                else:
+                    self._circuit_open(slot)
+        # Observers never decide anything, also not whether the MTA connection is dropped.
+        enforcing = [slot for slot in joining if not slot.observing]
+        failed = [slot for slot in enforcing if slot.client is None]
+        live = any(s.live() for s in self.slots if not s.observing) or any(
+            hook.usable and not hook.observing for hook in self.hooks
+        )
+        if failed and len(failed) == len(enforcing) and not live:
             raise CloseMta(f"no filter could be joined ({', '.join(s.name for s in failed)})")
 
     async def _join_one(self, slot: FilterSlot, command: type[Command]) -> None:
@@ -399,6 +463,7 @@ class MtaSession:
         slot.client = client
         self.cache[slot.name] = client.negotiated
         self.metrics.filter_up(slot.name, True)
+        self.breakers.succeeded(slot.name)
         for macro, replayed in self.history.before(command):
             if client.done_for_connection or (
                 client.done_for_message and not isinstance(replayed, Mail)
@@ -440,7 +505,8 @@ class MtaSession:
         """A refusal of a replayed command counts at the current stage (design §8)."""
         final = replies[-1] if replies else None
         if (
-            final is None
+            slot.observing
+            or final is None
             or isinstance(final, Continue | Accept)
             or not isinstance(final, STAGE_REPLIES)
         ):
@@ -459,7 +525,11 @@ class MtaSession:
             stage=failure.stage,
             kind=failure.kind.value,
             cause=failure.cause,
-            policy="tempfail" if slot.config.temp_fail_on_error else "skip",
+            policy="observe"
+            if slot.observing
+            else "tempfail"
+            if slot.config.temp_fail_on_error
+            else "skip",
         )
         self.metrics.filter_failed(slot.name, failure.kind.value)
         if failure.kind in _PROTOCOL_FAILURES:
@@ -470,7 +540,19 @@ class MtaSession:
             self.report.failed(slot.name, failure.kind.value)
         if isinstance(slot, FilterSlot):
             slot.client = None
-        if slot.config.temp_fail_on_error:
+        self.breakers.failed(slot.name)
+        if slot.config.temp_fail_on_error and not slot.observing:
+            slot.sticky = Tempfail()
+        else:
+            slot.gone = True
+
+    def _circuit_open(self, slot: FilterSlot | HookSlot) -> None:
+        """Its circuit is open: its error policy applies now, without trying it."""
+        log.info("filter_skipped", filter=slot.name, reason="circuit_open")
+        self.metrics.filter_failed(slot.name, FailureKind.CIRCUIT_OPEN.value)
+        if self.report is not None:
+            self.report.failed(slot.name, FailureKind.CIRCUIT_OPEN.value)
+        if slot.config.temp_fail_on_error and not slot.observing:
             slot.sticky = Tempfail()
         else:
             slot.gone = True
@@ -484,8 +566,12 @@ class MtaSession:
         calls: _HookCalls = []
         for slot in self.hooks:
             stages = slot.stages_at(command, self.authenticated, variables)
-            if stages:
+            if not stages:
+                continue
+            if self.breakers.admit(slot.name):
                 calls.append((slot, stages))
+            else:
+                self._circuit_open(slot)
         return calls
 
     def _hook_input(self, stage: str, current: Rcpt | None) -> HookInput:
@@ -613,8 +699,9 @@ class MtaSession:
         stickies: list[tuple[str, Reply | None]] = [
             (slot.name, slot.sticky or (None if slot.left_message else slot.sticky_message))
             for slot in self.slots
+            if not slot.observing
         ]
-        stickies += [(hook.name, hook.sticky) for hook in self.hooks]
+        stickies += [(hook.name, hook.sticky) for hook in self.hooks if not hook.observing]
         for name, sticky in stickies:
             outcome = outcomes.get(name)
             if isinstance(outcome, list) and outcome and isinstance(outcome[-1], STAGE_REPLIES):
@@ -680,8 +767,12 @@ class MtaSession:
         else:
             return  # a step sent without waiting for an answer (no-reply)
         self.metrics.filter_answered(name, stage.value, verdict, seconds)
+        if verdict != "error":
+            self.breakers.succeeded(name)
         if self.report is not None:
             self.report.answered(name, verdict, seconds)
+        if name in self.observers and verdict not in ("continue", "accept", "skip"):
+            log.info("observe_verdict", filter=name, stage=stage.value, verdict=verdict)
 
     def _ended_early(self, stage: Stage, result: StageResult) -> None:
         """A refusal at a message stage before end-of-message ends the message there."""
@@ -766,6 +857,13 @@ class MtaSession:
             # A hook that failed in this message contributes nothing: never half its edits.
             if hook.usable and hook.pending:
                 per_filter.append((hook.name, list(hook.pending)))
+        for name, edits in per_filter:
+            if name in self.observers:
+                counts = edit_counts(edits)
+                log.info("observe_edits", filter=name, edits=dict(counts))
+                for kind, number in counts.items():
+                    self.metrics.edits(name, kind, number)
+        per_filter = [item for item in per_filter if item[0] not in self.observers]
         if not per_filter:
             return []
         mail = self.history.mail
@@ -839,6 +937,12 @@ _UNREACHABLE = frozenset({FailureKind.REFUSED, FailureKind.CONNECT_TIMEOUT, Fail
 #: message has begun).
 _MESSAGE_STAGES = frozenset({Stage.MAIL, Stage.DATA, Stage.HEADER, Stage.EOH, Stage.BODY})
 _REFUSALS = frozenset({Verdict.REJECT, Verdict.TEMPFAIL, Verdict.DISCARD, Verdict.SHUTDOWN})
+
+
+#: What a limit answers (design §12): permanent for a header flood, one recipient at a time for
+#: a recipient flood (RFC 5321 §4.5.3.1.10: the client sends the rest later).
+TOO_MANY_HEADERS = ReplyCode(b"552 5.3.4 Too many header fields")
+TOO_MANY_RECIPIENTS = ReplyCode(b"452 4.5.3 Too many recipients")
 
 
 def _macro_name(name: bytes) -> str:

@@ -50,6 +50,7 @@ class FailureKind(enum.Enum):
     GARBAGE = "garbage"  # malformed packet or unknown reply letter
     OVERSIZE = "oversize"  # a length word over max_response_size
     PROTOCOL = "protocol"  # a legal packet at an illegal moment
+    CIRCUIT_OPEN = "circuit_open"  # not tried: it kept failing, its circuit is open
     HTTP_STATUS = "http_status"  # a hook answered with a status other than 2xx (3xx included)
     INVALID_RESPONSE = "invalid_response"  # a hook's answer is not JSON, or not a valid answer
 

@@ -102,6 +102,7 @@ async def play(
     counts: ClientCounts | None = None,
     protocol: Protocol = ALL_PROTOCOL,
     metrics: Metrics | None = None,
+    **session_options: Any,
 ) -> tuple[OptNegReply, list[tuple[Command, Reply]]]:
     """Our codec plays Postfix through ``commands``; returns the OPTNEG answer and each reply."""
     mta_stream, session_stream = trio.testing.memory_stream_pair()
@@ -115,6 +116,7 @@ async def play(
         spool_memory=spool_memory,
         client_counts=counts,
         metrics=metrics,
+        **session_options,
     )
     mta = MilterStream(mta_stream, Connection(Role.MTA))
     answers: list[tuple[Command, Reply]] = []
