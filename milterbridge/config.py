@@ -212,6 +212,8 @@ class MilterFilter(Base, frozen=True):
     enable: Expression = msgspec.field(default_factory=_always)
     #: "enforce": its answers count; "observe": logged and counted, never reach the MTA.
     mode: Mode = "enforce"
+    #: The pass it runs in at end-of-message: pass n+1 sees the message as passes <= n left it.
+    pass_: Annotated[int, msgspec.Meta(ge=1)] = msgspec.field(name="pass", default=1)
 
     def __post_init__(self) -> None:
         self._check_address()
@@ -359,6 +361,8 @@ class HookFilter(Base, frozen=True):
     http_auth: HttpAuth = msgspec.field(default_factory=HttpAuthUnauthenticated)
     #: "enforce": its answers count; "observe": logged and counted, never reach the MTA.
     mode: Mode = "enforce"
+    #: The pass it runs in at end-of-message: pass n+1 sees the message as passes <= n left it.
+    pass_: Annotated[int, msgspec.Meta(ge=1)] = msgspec.field(name="pass", default=1)
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)

@@ -277,7 +277,7 @@ M = '[[milter]]\nname = "a"\nhostname = "h"\n'
         ),
         # the table itself
         (M + "hostName = 'h'\n", "milter[0]: Object contains unknown field `hostName`"),
-        (M + "pass = 2\n", "milter[0]: Object contains unknown field `pass`"),
+        (M + "pass = 0\n", "milter[0].pass: Expected `int` >= 1"),
         ('[milter]\nname = "a"\n', "milter: Expected `array`, got `object`"),
         (M + '[[milter]]\nname = "b"\nport = 1\n', "milter[1]: missing hostname"),
         ("[[filter]]\n", "(top level): Object contains unknown field `filter`"),

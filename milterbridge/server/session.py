@@ -28,10 +28,11 @@ Exactly one ``session_end`` line is logged.
 
 from __future__ import annotations
 
+import io
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass, field, replace
+from typing import BinaryIO, Protocol
 
 import structlog
 import trio
@@ -52,6 +53,7 @@ from ..engine.verdicts import (
 )
 from ..metrics import Metrics
 from ..milter import (
+    ALL_ACTIONS,
     CLOSED,
     Abort,
     Accept,
@@ -69,6 +71,7 @@ from ..milter import (
     Helo,
     Macro,
     Mail,
+    Negotiated,
     OptNeg,
     Progress,
     ProtocolError,
@@ -83,6 +86,7 @@ from ..milter import (
     Tempfail,
     Unknown,
 )
+from ..milter import Protocol as MilterProtocol
 from ..transport import MilterStream
 from ..upstream import FailureKind, UpstreamFailure, UpstreamMilter, connect_upstream
 from ..upstream.hook_request import HookInput
@@ -98,6 +102,7 @@ from .filters import (
     listed_at,
 )
 from .options import answer_mta, offer_for_upstreams
+from .passes import MessageView, PassScript, advance, body_chunks, replay_message
 from .report import MessageReport, edit_counts
 from .spool import MessageSpool
 from .variables import session_variables
@@ -194,6 +199,10 @@ class MtaSession:
         self.stats = SessionStats()
         self.slots = build_slots(filters)
         self.hooks = build_hook_slots(hooks)
+        #: The pass that gets the message live from the MTA (the lowest configured).
+        self.first_pass = min([f.pass_ for f in filters] + [h.pass_ for h in hooks], default=1)
+        #: The MTA's macros for end-of-headers, replayed to later passes.
+        self.eoh_macro: Macro | None = None
         #: Filters in observe mode, by name.
         self.observers = frozenset(
             [slot.name for slot in self.slots if slot.observing]
@@ -286,7 +295,7 @@ class MtaSession:
             match event:
                 case OptNeg():
                     self.offer = event
-                    options = [self.cache.get(slot.name) for slot in self.slots]
+                    options = [self._live_options(slot) for slot in self.slots]
                     hooks = [slot.config for slot in self.hooks]
                     await self.milter.send(answer_mta(event, options, hooks))
                 case Macro():
@@ -322,6 +331,19 @@ class MtaSession:
                     await self._step(event)
             self.macro = None
 
+    def _live_options(self, slot: FilterSlot) -> Negotiated | None:
+        """A milter's options as the MTA negotiation should count them.
+
+        A milter of a later pass is fed the message from the bridge's copy, never live: to the
+        MTA it is silent at headers and body (no reply owed), whatever it negotiated.
+        """
+        options = self.cache.get(slot.name)
+        if slot.config.pass_ == self.first_pass:
+            return options
+        if options is None:
+            return Negotiated(6, ALL_ACTIONS, _SILENT_MESSAGE)
+        return replace(options, protocol=options.protocol | _SILENT_MESSAGE)
+
     def _take_macro(self) -> Macro | None:
         macro, self.macro = self.macro, None
         return macro
@@ -344,6 +366,7 @@ class MtaSession:
             lambda client: client.command(macro, command),
             stage=stage,
             message=_in_message(command),
+            only_pass=self.first_pass if isinstance(command, Header | EndOfHeaders) else None,
             hooks=hooks,
             current=command if isinstance(command, Rcpt) else None,
         )
@@ -370,6 +393,8 @@ class MtaSession:
                 )
             case Header():
                 self.headers.append((command.name, command.value))
+            case EndOfHeaders():
+                self.eoh_macro = macro
 
     def _new_message(self) -> None:
         self._end_message("aborted")
@@ -574,7 +599,9 @@ class MtaSession:
                 self._circuit_open(slot)
         return calls
 
-    def _hook_input(self, stage: str, current: Rcpt | None) -> HookInput:
+    def _hook_input(
+        self, stage: str, current: Rcpt | None, view: MessageView | None = None
+    ) -> HookInput:
         """The request data for one hook call, from what the MTA told the session so far."""
         history = self.history
         connect = history.connect[1] if history.connect else None
@@ -598,19 +625,26 @@ class MtaSession:
             helo=helo.name.decode("utf-8", "replace") if isinstance(helo, Helo) else None,
             sender=(mail.address, mail.args) if isinstance(mail, Mail) else None,
             recipients=[(r.address, r.args) for r in recipients],
-            headers=self.headers if data else (),
-            body=self.spool.reader() if data else None,
-            body_size=self.spool.size if data else 0,
+            headers=self._view_headers(view) if data else (),
+            body=self._view_body(view) if data else None,
+            body_size=self._view_body_size(view) if data else 0,
             active_connections=self.client_counts[client] if client else 0,
         )
 
-    async def _ask_hook(self, slot: HookSlot, stages: list[str], current: Rcpt | None) -> Outcome:
+    async def _ask_hook(
+        self,
+        slot: HookSlot,
+        stages: list[str],
+        current: Rcpt | None,
+        view: MessageView | None = None,
+    ) -> Outcome:
         """Call one hook for its stages at this command; the first refusal ends the series."""
         assert self.hook_client is not None
         reply: Reply = Continue()
         for stage in stages:
             try:
-                answer = await self.hook_client.call(slot.config, self._hook_input(stage, current))
+                request = self._hook_input(stage, current, view)
+                answer = await self.hook_client.call(slot.config, request)
             except UpstreamFailure as failure:
                 self._failed(slot, failure)
                 return failure
@@ -625,17 +659,38 @@ class MtaSession:
         # edits reach the script from ``pending``.
         return [*answer.edits, reply]
 
-    def _hooks_want_message(self) -> bool:
-        return any(slot.wants_message for slot in self.hooks)
+    def _view_headers(self, view: MessageView | None) -> Sequence[tuple[bytes, bytes]]:
+        return self.headers if view is None else view.headers()
+
+    def _view_body(self, view: MessageView | None) -> BinaryIO:
+        if view is None or view.body is None:
+            return self.spool.reader()
+        return io.BytesIO(view.body)
+
+    def _view_body_size(self, view: MessageView | None) -> int:
+        if view is None or view.body is None:
+            return self.spool.size
+        return len(view.body)
+
+    def _needs_whole_message(self) -> bool:
+        """Whether the body must be kept: a data hook, or a milter of a later pass."""
+        return any(slot.wants_message for slot in self.hooks) or any(
+            slot.config.pass_ != self.first_pass and not slot.gone and slot.sticky is None
+            for slot in self.slots
+        )
 
     # --- fan-out ------------------------------------------------------------------------
 
-    def _targets(self, message: bool, body: bool = False) -> list[_Target]:
+    def _targets(
+        self, message: bool, body: bool = False, only_pass: int | None = None
+    ) -> list[_Target]:
         """The milters to ask now: joined, healthy, and still in the message if it matters."""
         targets = []
         for slot in self.slots:
             client = slot.live()
             if client is None or slot.sticky is not None or slot.left_message:
+                continue
+            if only_pass is not None and slot.config.pass_ != only_pass:
                 continue
             if message and client.done_for_message:
                 continue
@@ -651,8 +706,10 @@ class MtaSession:
         stage: Stage,
         message: bool,
         body: bool = False,
+        only_pass: int | None = None,
         hooks: _HookCalls | None = None,
         current: Rcpt | None = None,
+        view: MessageView | None = None,
     ) -> dict[str, Outcome]:
         outcomes: dict[str, Outcome] = {}
 
@@ -667,10 +724,10 @@ class MtaSession:
 
         async def ask_hook(slot: HookSlot, stages: list[str]) -> None:
             started = trio.current_time()
-            outcomes[slot.name] = await self._ask_hook(slot, stages, current)
+            outcomes[slot.name] = await self._ask_hook(slot, stages, current, view)
             self._count_answer(slot.name, stage, outcomes[slot.name], started)
 
-        targets = self._targets(message, body)
+        targets = self._targets(message, body, only_pass)
         hooks = hooks or []
         if len(targets) == 1 and not hooks:  # the common case needs no task of its own
             await ask(*targets[0])
@@ -684,13 +741,14 @@ class MtaSession:
 
     async def _body(self, chunk: Body) -> dict[str, Outcome]:
         macro = self._take_macro()
-        if self._hooks_want_message():
+        if self._needs_whole_message():
             self.spool.write(chunk.chunk)
         return await self._fan_out(
             lambda client: client.body(macro, chunk.chunk),
             stage=Stage.BODY,
             message=True,
             body=True,
+            only_pass=self.first_pass,
         )
 
     def _stage_replies(self, outcomes: dict[str, Outcome]) -> list[tuple[str, StageReply]]:
@@ -717,9 +775,9 @@ class MtaSession:
             return await self._send_if_awaited(_ALL_CONTINUE, stage)  # the common case, decided
         negotiated = self.milter.connection.negotiated
         skip_allowed = negotiated is not None and negotiated.skip
-        hooks_want_body = stage is Stage.BODY and self._hooks_want_message()
+        hooks_want_body = stage is Stage.BODY and self._needs_whole_message()
         if stage is Stage.BODY and skip_allowed and not replies and not hooks_want_body:
-            targets = self._targets(message=True, body=True)
+            targets = self._targets(message=True, body=True, only_pass=self.first_pass)
             if not any(client.negotiated.sends(Body) for _, client in targets):
                 return await self._send_if_awaited(StageResult(Skip(), Verdict.SKIP), stage)
         answered = {name for name, _ in replies}
@@ -739,7 +797,7 @@ class MtaSession:
                 stage is Stage.BODY
                 and any(
                     not c.skipping_body and c.negotiated.no_reply(Body)
-                    for _, c in self._targets(message=True)
+                    for _, c in self._targets(message=True, only_pass=self.first_pass)
                 )
             ),
             skip_allowed=skip_allowed,
@@ -803,50 +861,91 @@ class MtaSession:
     # --- end of message -----------------------------------------------------------------
 
     async def _end_of_message(self, macro: Macro | None) -> None:
+        """Every pass in turn (design §6), then one edit script and one final reply."""
         self.stats.messages += 1
-        outcomes: dict[str, Outcome] = {}
+        passes = {slot.config.pass_ for slot in self.slots}
+        passes |= {hook.config.pass_ for hook in self.hooks}
+        mail = self.history.mail
+        view = MessageView(
+            MessageState.received(
+                self.headers,
+                sender=mail[1].address if mail and isinstance(mail[1], Mail) else b"<>",
+                recipients=[r.address for _, r in self.history.recipients if isinstance(r, Rcpt)],
+            )
+        )
+        script = PassScript()
+        result = _ALL_CONTINUE
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keep_mta_waiting)
+            for number in sorted(passes) or [self.first_pass]:
+                outcomes = await self._run_pass(number, macro, view)
+                result = merge_stage(Stage.EOM, self._stage_replies(outcomes))
+                if result.reply not in (Continue(), Accept()):
+                    break
+                edits = self._merged_edits(outcomes, view, number)
+                view, script = advance(view, script, edits)
+                if script.quarantined:
+                    break  # quarantine ends the message like a refusal: later passes wait
+            nursery.cancel_scope.cancel()
+        accepted = result.reply in (Continue(), Accept())
+        packets = script.packets if accepted else []
+        await self.milter.send(*packets, result.reply)
+        log.debug("mta_reply", reply=type(result.reply).__name__, edits=len(packets))
+        self.metrics.stage_waited(Stage.EOM.value, trio.current_time() - self.received_at)
+        if not accepted:
+            verdict = result.verdict.value
+        elif script.quarantined:
+            verdict = "quarantine"
+        else:
+            verdict = "accept"  # CONTINUE at end-of-message is acceptance
+        self._end_message(verdict)
+
+    async def _run_pass(
+        self, number: int, macro: Macro | None, view: MessageView
+    ) -> dict[str, Outcome]:
+        """One pass at end-of-message: the first gets EOM (it had the rest live), later ones
+        the whole message from the view; its hooks get their data call with the view."""
         hooks: _HookCalls = []
         if any(hook.wants_message for hook in self.hooks):
             variables = session_variables(self.history, self.macros)
             hooks = [
                 (hook, ["data"])
                 for hook in self.hooks
-                if hook.wants_message and hook.config.enable.evaluate(variables)
+                if hook.config.pass_ == number
+                and hook.wants_message
+                and hook.config.enable.evaluate(variables)
             ]
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._keep_mta_waiting)
-            outcomes = await self._fan_out(
-                lambda client: client.command(macro, EndOfMessage()),
-                stage=Stage.EOM,
-                message=True,
-                hooks=hooks,
-            )
-            nursery.cancel_scope.cancel()
-        replies = self._stage_replies(outcomes)
-        result = merge_stage(Stage.EOM, replies)
-        script: list[Reply] = []
-        accepted = result.reply in (Continue(), Accept())
-        if accepted:
-            script = self._merged_edits(outcomes)
-        await self.milter.send(*script, result.reply)
-        log.debug("mta_reply", reply=type(result.reply).__name__, edits=len(script))
-        self.metrics.stage_waited(Stage.EOM.value, trio.current_time() - self.received_at)
-        if not accepted:
-            verdict = result.verdict.value
-        elif any(isinstance(edit, Quarantine) for edit in script):
-            verdict = "quarantine"
-        else:
-            verdict = "accept"  # CONTINUE at end-of-message is acceptance
-        self._end_message(verdict)
+        first = number == self.first_pass
+        headers = view.headers()
+
+        def call(client: UpstreamMilter) -> Awaitable[list[Reply]]:
+            if first:
+                return client.command(macro, EndOfMessage())
+            chunks = body_chunks(view, self.spool.reader(), self.spool.size)
+            return replay_message(client, headers, chunks, self.eoh_macro, macro)
+
+        return await self._fan_out(
+            call,
+            stage=Stage.EOM,
+            message=True,
+            only_pass=number,
+            hooks=hooks,
+            view=None if first else view,
+        )
 
     async def _keep_mta_waiting(self) -> None:
         while True:
             await trio.sleep(PROGRESS_INTERVAL)
             await self.milter.send(Progress())
 
-    def _merged_edits(self, outcomes: dict[str, Outcome]) -> list[Reply]:
+    def _merged_edits(
+        self, outcomes: dict[str, Outcome], view: MessageView, number: int
+    ) -> list[Reply]:
+        """One pass's edits, merged against the view its filters saw."""
         per_filter: list[tuple[str, list[Reply]]] = []
         for slot in self.slots:
+            if slot.config.pass_ != number:
+                continue
             outcome = outcomes.get(slot.name)
             edits = list(outcome[:-1]) if isinstance(outcome, list) else []
             edits += [DelRcpt(address) for address in slot.refused_recipients]
@@ -855,7 +954,7 @@ class MtaSession:
                 per_filter.append((slot.name, edits))
         for hook in self.hooks:
             # A hook that failed in this message contributes nothing: never half its edits.
-            if hook.usable and hook.pending:
+            if hook.config.pass_ == number and hook.usable and hook.pending:
                 per_filter.append((hook.name, list(hook.pending)))
         for name, edits in per_filter:
             if name in self.observers:
@@ -866,13 +965,7 @@ class MtaSession:
         per_filter = [item for item in per_filter if item[0] not in self.observers]
         if not per_filter:
             return []
-        mail = self.history.mail
-        original = MessageState.received(
-            self.headers,
-            sender=mail[1].address if mail and isinstance(mail[1], Mail) else b"<>",
-            recipients=[r.address for _, r in self.history.recipients if isinstance(r, Rcpt)],
-        )
-        merged = merge_edits(original, per_filter)
+        merged = merge_edits(view.state, per_filter)
         for name, edits in per_filter:
             counts = edit_counts(edits)
             for kind, number in counts.items():
@@ -943,6 +1036,10 @@ _REFUSALS = frozenset({Verdict.REJECT, Verdict.TEMPFAIL, Verdict.DISCARD, Verdic
 #: a recipient flood (RFC 5321 §4.5.3.1.10: the client sends the rest later).
 TOO_MANY_HEADERS = ReplyCode(b"552 5.3.4 Too many header fields")
 TOO_MANY_RECIPIENTS = ReplyCode(b"452 4.5.3 Too many recipients")
+
+
+#: A later-pass milter as the MTA negotiation counts it: no reply owed at the message steps.
+_SILENT_MESSAGE = MilterProtocol.NR_HDR | MilterProtocol.NR_EOH | MilterProtocol.NR_BODY
 
 
 def _macro_name(name: bytes) -> str:

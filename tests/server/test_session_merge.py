@@ -162,6 +162,7 @@ async def test_late_joiner_accepting_the_replayed_sender_gets_nothing_more(
     async with fake_upstream(accepter) as one:
         config = msgspec.structs.replace(_filter("late", one.port, True), stages=["data"])
         answers = await play([config])
+        await one.wait_finished()
     assert seen == ["Connect", "Helo", "Mail"]
     assert answers[-1][1] == Continue()
 
@@ -195,6 +196,7 @@ async def test_enable_turning_false_at_a_later_stage_leaves_the_message(
             enable=Expression(else_="rcpt_domain != 'y.test'"),  # MESSAGE's recipient: b@y.test
         )
         answers = await play([config])
+        await one.wait_finished()  # it has read everything the session sent
     replies = [reply for _, reply in answers]
     assert seen == ["Connect", "Helo", "Mail", "Abort"]
     assert replies[-2:] == [Skip(), Continue()]  # no filter takes the body any more

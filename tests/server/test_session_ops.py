@@ -69,6 +69,7 @@ async def test_an_observed_milter_is_asked_but_never_obeyed(
         shadow = _filter("shadow", upstream.port, True, mode="observe")
         with capture_logs() as logs:
             _, answers = await play([], RecordingHooks(), milters=[shadow], metrics=metrics)
+            await upstream.wait_finished()
     assert _replies(answers, Rcpt) == [Continue()]
     assert _replies(answers, EndOfMessage) == [Continue()]  # its header is not added
     assert "Rcpt" in seen and "EndOfMessage" in seen
@@ -162,6 +163,7 @@ async def test_a_header_flood_is_refused_and_the_filters_see_no_more(
                 metrics=metrics,
                 max_headers=3,
             )
+            await upstream.wait_finished()
     refused = ReplyCode(b"552 5.3.4 Too many header fields")
     assert _replies(answers, Header) == [Continue(), Continue(), Continue(), refused]
     assert seen.count("Header") == 3
