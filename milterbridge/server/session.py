@@ -255,6 +255,11 @@ class MtaSession:
                 self.stats.outcome, self.stats.error = "connection_lost", str(exc) or None
             except CloseMta as exc:
                 self.stats.outcome, self.stats.error = "all_filters_failed", str(exc)
+            except Exception as exc:  # one session's bug must not end the service
+                # Our bug, not a peer's: log it loudly with its traceback, drop this connection
+                # (the MTA applies milter_default_action) and keep serving the others.
+                self.stats.outcome, self.stats.error = "internal_error", repr(exc)
+                log.exception("session_crashed")
             finally:
                 # Say goodbye to the milters even when cancelled, but never wait long for it.
                 with trio.move_on_after(GOODBYE_SECONDS, shield=True):

@@ -251,6 +251,10 @@ def decode_response(data: bytes) -> HookResponse:
         raise HookResponseError(f"invalid hook response: {_short_message(exc)}") from None
     except msgspec.DecodeError as exc:
         raise HookResponseError(f"hook response is not JSON: {_short_message(exc)}") from None
+    except UnicodeDecodeError as exc:
+        # msgspec raises this (not DecodeError) for a string that is not UTF-8 (found by
+        # fuzzing: tests/fuzz/fuzz_hook_answer.py).
+        raise HookResponseError(f"hook response is not UTF-8 JSON: {exc.reason}") from None
 
 
 def _short_message(exc: Exception) -> str:

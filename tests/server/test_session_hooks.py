@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import trio
 import trio.lowlevel
 import trio.testing
@@ -45,6 +46,7 @@ from milterbridge.milter import (
     Quit,
     Rcpt,
     Reject,
+    RemoteProtocolError,
     Reply,
     ReplyCode,
     Role,
@@ -339,3 +341,31 @@ async def test_a_second_message_starts_with_no_pending_edits_and_an_empty_spool(
     _, answers = await play([_hook(stages=["rcpt", "data"])], client, commands)
     assert _replies(answers, EndOfMessage) == [AddHeader(b"X-First", b"1"), Continue(), Continue()]
     assert client.bodies == [b"body\r\n", b"two\r\n"]
+
+
+async def test_a_bug_in_a_session_ends_that_session_only() -> None:
+    """An unexpected exception (our bug) is logged with its traceback and closes the MTA
+    connection; it does not escape run(), which would end the whole service."""
+
+    def decide(_: HookFilter, __: HookInput) -> HookAnswer:
+        raise RuntimeError("a bug")
+
+    with capture_logs() as logs:
+        mta_stream, session_stream = trio.testing.memory_stream_pair()
+        session = MtaSession(
+            session_stream,
+            max_packet=1 << 20,
+            session_id="s",
+            hooks=[_hook(stages=["connect"])],
+            hook_client=RecordingHooks(decide),
+        )
+        mta = MilterStream(mta_stream, Connection(Role.MTA))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run)
+            await mta.send(OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL))
+            await mta.receive()
+            await mta.send(MESSAGE[0])
+            with pytest.raises(RemoteProtocolError, match="without answering Connect"):
+                await mta.receive()
+    assert session.stats.outcome == "internal_error"
+    assert [line["event"] for line in logs if line["log_level"] == "error"] == ["session_crashed"]

@@ -285,3 +285,9 @@ def test_errors_never_quote_much(document: Any) -> None:
 def test_one_error_class() -> None:
     assert HookResponseError is EngineError
     assert issubclass(HookResponseError, ValueError)
+
+
+def test_a_string_that_is_not_utf8_is_an_invalid_response() -> None:
+    """Found by fuzzing: msgspec raises UnicodeDecodeError there, not DecodeError."""
+    with pytest.raises(HookResponseError, match="not UTF-8"):
+        decode_response(b'{"action":"quar\xee\xee"}')
