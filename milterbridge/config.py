@@ -162,12 +162,28 @@ class Expression(Base, frozen=True):
             raise _KeyProblem(exc.location, f"{exc.message}\n{exc.caret()}") from None
 
     def compiled(self) -> CompiledRules:
-        """The compiled rules (compiled once per distinct expression, then cached)."""
-        return _compile_rules(tuple((m.if_, m.then) for m in self.match), self.else_)
+        """The compiled rules (compiled once per distinct expression, then cached).
+
+        Looked up by the object's identity first: ``evaluate`` runs for every filter at every
+        stage, and building the text key for the shared cache cost more than the evaluation.
+        """
+        known = _COMPILED_BY_ID.get(id(self))
+        if known is not None and known[0] is self:
+            return known[1]
+        rules = _compile_rules(tuple((m.if_, m.then) for m in self.match), self.else_)
+        if len(_COMPILED_BY_ID) >= _COMPILED_BY_ID_MAX:
+            _COMPILED_BY_ID.clear()
+        # The entry holds the expression itself, so its id cannot be reused while cached.
+        _COMPILED_BY_ID[id(self)] = (self, rules)
+        return rules
 
     def evaluate(self, variables: Mapping[str, str | list[str]]) -> bool:
         """Whether the filter is enabled with these session variables (unknown ones empty)."""
         return self.compiled().evaluate(variables)
+
+
+_COMPILED_BY_ID: dict[int, tuple[Expression, CompiledRules]] = {}
+_COMPILED_BY_ID_MAX = 4096
 
 
 @functools.lru_cache(maxsize=1024)

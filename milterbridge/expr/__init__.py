@@ -15,10 +15,10 @@ Pure: no I/O, no logging, no trio, and never Python's ``eval``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from milterbridge.expr.errors import ExpressionError, RuleError
-from milterbridge.expr.evaluate import Evaluator, Value, compile_tree, truthy
+from milterbridge.expr.evaluate import Evaluator, Predicate, Value, compile_node
 from milterbridge.expr.names import FUNCTIONS, VARIABLES
 from milterbridge.expr.parser import Node, parse_expression
 
@@ -44,6 +44,7 @@ class CompiledExpression:
     text: str
     tree: Node
     _evaluator: Evaluator
+    _test: Predicate
 
     def evaluate(self, variables: Variables) -> Value:
         """The expression's value for these variables; a variable missing from the mapping is
@@ -51,14 +52,16 @@ class CompiledExpression:
         return self._evaluator(variables)
 
     def truthy(self, variables: Variables) -> bool:
-        """Whether the value is true: not ``""``, ``0``, ``false`` or ``[]``."""
-        return truthy(self._evaluator(variables))
+        """Whether the value is true: not ``""``, ``0``, ``false`` or ``[]``. Never raises;
+        cheaper than ``evaluate`` (the value is not built when it need not be)."""
+        return self._test(variables)
 
 
 def compile_expression(text: str) -> CompiledExpression:
     """Parse and check ``text``; raises ExpressionError pointing into it."""
     tree = parse_expression(text)
-    return CompiledExpression(text, tree, compile_tree(tree, text))
+    compiled = compile_node(tree, text)
+    return CompiledExpression(text, tree, compiled.value, compiled.test)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,13 +72,32 @@ class CompiledRules:
 
     rules: tuple[tuple[CompiledExpression, CompiledExpression], ...]
     otherwise: CompiledExpression
+    _decide: Predicate = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_decide", _decision(self.rules, self.otherwise))
 
     def evaluate(self, variables: Variables) -> bool:
         """The truth of the chosen ``then`` or of ``else``. Never raises."""
-        for condition, then in self.rules:
-            if condition.truthy(variables):
-                return then.truthy(variables)
-        return self.otherwise.truthy(variables)
+        return self._decide(variables)
+
+
+def _decision(
+    rules: tuple[tuple[CompiledExpression, CompiledExpression], ...], otherwise: CompiledExpression
+) -> Predicate:
+    """CompiledRules.evaluate as one closure over the expressions' truth closures."""
+    if not rules:
+        return otherwise._test
+    pairs = tuple((condition._test, then._test) for condition, then in rules)
+    otherwise_test = otherwise._test
+
+    def decide(variables: Mapping[str, object]) -> bool:
+        for condition, then in pairs:
+            if condition(variables):
+                return then(variables)
+        return otherwise_test(variables)
+
+    return decide
 
 
 def compile_rules(match: Sequence[tuple[str, str]], else_: str) -> CompiledRules:
