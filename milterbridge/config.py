@@ -88,6 +88,8 @@ class ServerConfig(Base, frozen=True):
     spool_directory: str | None = None
     #: Largest packet accepted from the MTA (command byte plus payload).
     max_mta_packet: Size = Size(1024 * 1024 + 1)
+    #: How long an MTA connection may stay silent before the bridge closes it.
+    idle_timeout: Duration = Duration(600.0)
     #: Headers per message; the one beyond is refused (552 5.3.4).
     max_headers: Annotated[int, msgspec.Meta(ge=1)] = 1000
     #: Recipients per message; each one beyond is refused (452 4.5.3).

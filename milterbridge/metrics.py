@@ -123,6 +123,7 @@ LIMITS: Final = (
     "max_recipients",
     "spool_memory",
     "drain_deadline",
+    "idle_timeout",
 )
 
 #: 1 ms to 60 s: filter latencies, under their default budgets (30 s command, 60 s data).

@@ -191,6 +191,7 @@ class MtaSession:
         breakers: CircuitBreakers | None = None,
         max_headers: int = 1000,
         max_recipients: int = 1000,
+        idle_timeout: float = 600.0,
     ) -> None:
         if hooks and hook_client is None:
             raise ValueError("hooks need a hook client")
@@ -226,6 +227,7 @@ class MtaSession:
         self.breakers = CircuitBreakers() if breakers is None else breakers
         self.max_headers = max_headers
         self.max_recipients = max_recipients
+        self.idle_timeout = idle_timeout
         #: A limit refused the message: the answer to its remaining steps (design §12).
         self.refusal: StageResult | None = None
         self.cache: OptionsCache = {} if options_cache is None else options_cache
@@ -290,7 +292,14 @@ class MtaSession:
 
     async def _serve(self) -> None:
         while True:
-            event = await self.milter.receive()
+            with trio.move_on_after(self.idle_timeout) as idle:
+                event = await self.milter.receive()
+            if idle.cancelled_caught:
+                # An MTA that stopped talking must not hold a session (and its filters'
+                # connections) for ever: Postfix never waits that long between packets.
+                self.stats.outcome = "idle_timeout"
+                self._limit_hit("idle_timeout", seconds=self.idle_timeout)
+                return
             self.received_at = trio.current_time()
             if event is CLOSED:
                 return

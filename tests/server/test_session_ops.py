@@ -204,3 +204,25 @@ async def test_an_oversize_packet_from_the_mta_is_a_limit_hit() -> None:
             assert await mta.receive() is CLOSED
     assert registry.get_sample_value("milterbridge_limit_hits_total", {"limit": "max_mta_packet"})
     assert [line["limit"] for line in logs if line["event"] == "limit_hit"] == ["max_mta_packet"]
+
+
+async def test_an_mta_that_goes_silent_is_closed_after_the_idle_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    registry, metrics = _metrics()
+    mta_stream, session_stream = trio.testing.memory_stream_pair()
+    session = MtaSession(
+        session_stream, max_packet=1 << 20, session_id="s", metrics=metrics, idle_timeout=600
+    )
+    mta = MilterStream(mta_stream, Connection(Role.MTA))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        await mta.send(OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL))
+        await mta.receive()
+        started = trio.current_time()
+        assert await mta.receive() is CLOSED
+    assert trio.current_time() - started == 600
+    assert session.stats.outcome == "idle_timeout"
+    assert (
+        registry.get_sample_value("milterbridge_limit_hits_total", {"limit": "idle_timeout"}) == 1
+    )
