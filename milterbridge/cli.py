@@ -1,10 +1,14 @@
-"""Command line: ``milterbridge run | check-config | send``."""
+"""Command line: ``milterbridge run | check-config | send`` and the admin API's verbs
+``get | create | query | update | delete`` (milterbridge/admin_client.py)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -13,9 +17,10 @@ import structlog
 import trio
 
 from . import __version__
-from .app import CannotListen, run_until_signalled
+from .admin.store import FilterStore
+from .admin_client import ADMIN_COMMANDS, add_admin_commands, run_admin_command
+from .app import ABANDON_SECONDS, CannotListen, ConfigSource, offset_port, run_until_signalled
 from .config import (
-    EMBEDDED_DEFAULT,
     Config,
     ConfigError,
     ServerConfig,
@@ -25,6 +30,7 @@ from .config import (
 from .listeners import ListenerSpecError, parse_listener
 from .logs import configure_logging
 from .send import Envelope, send_main
+from .workers import STOP_GRACE, ReservationError, Supervisor, reserve_listeners
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -52,6 +58,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the milter listeners (default 1: no supervisor); "
+        "worker i serves the admin listener on its port + i",
+    )
+    # Internal: how the supervisor (milterbridge/workers.py) starts each worker.
+    run.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--worker-listeners", help=argparse.SUPPRESS)
+    run.add_argument("--worker-ready-fd", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
 
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", type=Path)
@@ -69,21 +88,19 @@ def _parser() -> argparse.ArgumentParser:
         "--macro", action="append", default=[], metavar="NAME=VALUE", help="repeatable"
     )
     send.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
+    add_admin_commands(commands)
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
+    if args.worker_index is not None:
+        # Every line of a worker says which one it is (its admin port is the base + index).
+        structlog.contextvars.bind_contextvars(worker_index=args.worker_index)
     log = structlog.get_logger("milterbridge")
-    config = EMBEDDED_DEFAULT
-    source = "embedded default"
-    if args.config is not None:
-        try:
-            config = load_config(args.config)
-        except ConfigError as exc:
-            print(f"milterbridge: {exc}", file=sys.stderr)
-            return EXIT_CONFIG
-        source = str(args.config)
+    if args.workers < 1:
+        print(f"milterbridge: --workers {args.workers}: must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
     if args.listen:
         try:
             for spec in args.listen:
@@ -91,26 +108,60 @@ def _run(args: argparse.Namespace) -> int:
         except ListenerSpecError as exc:
             print(f"milterbridge: --listen {exc}", file=sys.stderr)
             return EXIT_CONFIG
-        config = msgspec.structs.replace(
-            config, server=msgspec.structs.replace(config.server, listen=list(args.listen))
-        )
-    if args.admin_listen is not None:
-        if args.admin_listen:
-            try:
-                parse_host_port(args.admin_listen)
-            except ValueError as exc:
-                print(f"milterbridge: --admin-listen {exc}", file=sys.stderr)
-                return EXIT_CONFIG
-        config = msgspec.structs.replace(
-            config, admin=msgspec.structs.replace(config.admin, listen=args.admin_listen)
-        )
+    if args.admin_listen:
+        try:
+            parse_host_port(args.admin_listen)
+        except ValueError as exc:
+            print(f"milterbridge: --admin-listen {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    source = ConfigSource(
+        path=args.config,
+        listen=tuple(args.listen) if args.listen else None,
+        admin_listen=args.admin_listen,
+        admin_offset=args.worker_index or 0,
+    )
+    try:
+        config = source.load()
+        if args.workers > 1 and config.admin.listen:
+            offset_port(config.admin.listen, args.workers - 1)  # the last worker's port exists
+        # A broken state file of the admin API stops the start like a broken config file.
+        store = FilterStore.open(config)
+    except ConfigError as exc:
+        print(f"milterbridge: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    described = "embedded default" if args.config is None else str(args.config)
     # Each counter and histogram would also export a ``_created`` series in the classic text
     # format, doubling the series count for a timestamp nothing here reads.
     prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
-    log.info("starting", version=__version__, config=source, listen=config.server.listen)
     failures: list[str] = []
     try:
-        trio.run(run_until_signalled, config)
+        if args.workers > 1 and args.worker_index is None:
+            log.info(
+                "starting",
+                version=__version__,
+                config=described,
+                listen=config.server.listen,
+                workers=args.workers,
+            )
+            trio.run(_supervise, args, source, config)
+        else:
+            inherited = None
+            if args.worker_index is not None:
+                inherited = msgspec.json.decode(args.worker_listeners or "{}", type=dict[str, str])
+                if inherited:
+                    config = _pin_listeners(config, list(inherited))
+            log.info("starting", version=__version__, config=described, listen=config.server.listen)
+            trio.run(
+                functools.partial(
+                    run_until_signalled,
+                    config,
+                    source,
+                    inherited=inherited,
+                    supervisor_pid=args.supervisor_pid,
+                    ready=None if args.worker_ready_fd is None else _ready(args.worker_ready_fd),
+                    store=store,
+                )
+            )
     except* (CannotListen, ListenerSpecError) as group:
         failures.extend(str(exc) for exc in _leaves(group))
     if failures:
@@ -118,6 +169,88 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     log.info("stopped")
     return EXIT_OK
+
+
+def _ready(fd: int) -> Callable[[], None]:
+    """Tell the supervisor, through the pipe it gave us, that this worker is ready."""
+
+    def ready() -> None:
+        try:
+            os.write(fd, b"r")
+        except OSError:
+            pass  # the supervisor is gone; the worker notices and stops by itself
+        finally:
+            os.close(fd)
+
+    return ready
+
+
+def _pin_listeners(config: Config, specs: list[str]) -> Config:
+    """A worker listens where its supervisor reserved, whatever the file says by now."""
+    if config.server.listen == specs:
+        return config
+    structlog.get_logger("milterbridge").warning(
+        "config_reload_partial",
+        not_applied=["server.listen"],
+        reason="needs a restart (the supervisor holds the listeners)",
+    )
+    return msgspec.structs.replace(
+        config, server=msgspec.structs.replace(config.server, listen=specs)
+    )
+
+
+async def _supervise(args: argparse.Namespace, source: ConfigSource, config: Config) -> None:
+    """The parent of ``--workers N`` (milterbridge/workers.py)."""
+    log = structlog.get_logger("milterbridge")
+    try:
+        reservation = await reserve_listeners(
+            config.server.listen, int(config.server.socket_mode, 8)
+        )
+    except ReservationError as exc:
+        raise CannotListen(str(exc)) from exc
+    deadline = float(config.server.drain_deadline)
+
+    def reread() -> None:
+        # The workers reload the file and log the outcome; the parent only needs the new
+        # drain deadline, to give them the time it allows before killing one that hangs.
+        nonlocal deadline
+        with contextlib.suppress(ConfigError):
+            deadline = float(source.load().server.drain_deadline)
+
+    def command(index: int, ready_fd: int) -> list[str]:
+        return _worker_command(args, index, reservation.plan, ready_fd)
+
+    supervisor = Supervisor(
+        command,
+        args.workers,
+        pass_fds=reservation.pass_fds,
+        stop_timeout=lambda: deadline + ABANDON_SECONDS + STOP_GRACE,
+        on_reload=reread,
+        on_stop=reservation.close,
+    )
+    log.info("supervising", workers=args.workers, listeners=reservation.plan)
+    try:
+        await supervisor.run()
+    finally:
+        reservation.close()
+
+
+def _worker_command(
+    args: argparse.Namespace, index: int, plan: dict[str, str], ready_fd: int
+) -> list[str]:
+    """Worker ``index``'s command line: the parent's own options, plus where to listen."""
+    command = [sys.executable, "-m", "milterbridge", "run"]
+    if args.config is not None:
+        command += ["--config", str(args.config)]
+    for spec in args.listen or ():
+        command += ["--listen", spec]
+    if args.admin_listen is not None:
+        command += ["--admin-listen", args.admin_listen]
+    command += ["--log-level", args.log_level, "--log-format", args.log_format]
+    command += ["--worker-index", str(index), "--worker-ready-fd", str(ready_fd)]
+    command += ["--supervisor-pid", str(os.getpid())]
+    command += ["--worker-listeners", msgspec.json.encode(plan).decode()]
+    return command
 
 
 def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
@@ -130,6 +263,7 @@ def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
 def _check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.file)
+        config = FilterStore.open(config).merged(config)  # the API's filters count too
     except ConfigError as exc:
         print(f"milterbridge: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -167,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
     if args.command == "send":
         return _send(args)
+    if args.command in ADMIN_COMMANDS:
+        return run_admin_command(args)
     return _check_config(args)
 
 

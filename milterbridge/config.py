@@ -116,10 +116,15 @@ class ServerConfig(Base, frozen=True):
 
 
 class AdminConfig(Base, frozen=True):
-    """``[admin]``: the HTTP listener for /metrics, /healthz, /readyz (and /api)."""
+    """``[admin]``: the HTTP listener for /metrics, /healthz, /readyz and /api."""
 
     #: ``HOST:PORT`` (``[::1]:PORT`` for IPv6); an empty string turns the listener off.
     listen: str = DEFAULT_ADMIN_LISTEN
+    #: The JSON file holding the filters created through /api; None: the API cannot change
+    #: anything (a token may then only read).
+    state_file: str | None = None
+    #: ``[[admin.token]]``: who may call /api, and what each may do; none: /api is off (404).
+    token: list[AdminToken] = []
 
     def __post_init__(self) -> None:
         if self.listen:
@@ -127,6 +132,68 @@ class AdminConfig(Base, frozen=True):
                 parse_host_port(self.listen)
             except ValueError as exc:
                 raise _KeyProblem("listen", str(exc)) from None
+        if self.state_file is not None and not self.state_file:
+            raise _KeyProblem("stateFile", "empty path (leave the key out to have no state file)")
+        names: dict[str, int] = {}
+        secrets: dict[str, int] = {}
+        for index, token in enumerate(self.token):
+            if token.name in names:
+                raise _KeyProblem(
+                    f"token[{index}].name",
+                    f"duplicate token name {token.name!r} (also token[{names[token.name]}])",
+                )
+            names[token.name] = index
+            # Two tokens with one secret would make the permissions of a call depend on which
+            # entry the lookup met first.
+            secret = token.secret.reveal()
+            if secret in secrets:
+                raise _KeyProblem(
+                    f"token[{index}].secret", f"the same secret as token[{secrets[secret]}]"
+                )
+            secrets[secret] = index
+            if self.state_file is None:
+                writes = [p for p in token.permissions if p in _WRITE_PERMISSIONS]
+                if writes:
+                    raise _KeyProblem(
+                        f"token[{index}].permissions",
+                        f"{writes[0]} needs admin.stateFile (where created filters are kept)",
+                    )
+
+
+#: What a ``[[admin.token]]`` may do: one permission per method and ``/set`` operation.
+Permission = Literal[
+    "sysMtaMilterGet",
+    "sysMtaMilterCreate",
+    "sysMtaMilterUpdate",
+    "sysMtaMilterDestroy",
+    "sysMtaMilterQuery",
+    "sysMtaHookGet",
+    "sysMtaHookCreate",
+    "sysMtaHookUpdate",
+    "sysMtaHookDestroy",
+    "sysMtaHookQuery",
+]
+_WRITE_PERMISSIONS: Final = frozenset(
+    f"sysMta{kind}{operation}"
+    for kind in ("Milter", "Hook")
+    for operation in ("Create", "Update", "Destroy")
+)
+
+
+class AdminToken(Base, frozen=True):
+    """``[[admin.token]]``: one bearer token of the admin API and its permissions."""
+
+    #: Names the token in log lines (never the secret itself).
+    name: FilterName
+    #: The token, as the client sends it after ``Authorization: Bearer``.
+    secret: Secret
+    permissions: list[Permission] = []
+
+    def __post_init__(self) -> None:
+        _check_secret("secret", self.secret)
+        if not self.secret.reveal():
+            # An empty token would be matched by a bare "Authorization: Bearer" header.
+            raise _KeyProblem("secret", "the token is empty")
 
 
 def parse_host_port(text: str) -> tuple[str, int]:

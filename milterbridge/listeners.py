@@ -72,13 +72,22 @@ def parse_listener(spec: str) -> ListenerSpec:
     raise ListenerSpecError(f"{spec!r}: unknown kind {kind!r} (inet, inet6 or unix)")
 
 
-async def open_listener(spec: ListenerSpec, *, unix_mode: int = 0o660) -> trio.SocketListener:
-    """Bind and listen. A stale Unix socket file is replaced; any other file there is an error."""
+async def open_listener(
+    spec: ListenerSpec, *, unix_mode: int = 0o660, reuse_port: bool = False
+) -> trio.SocketListener:
+    """Bind and listen. A stale Unix socket file is replaced; any other file there is an error.
+
+    ``reuse_port`` sets SO_REUSEPORT on an inet/inet6 listener, so that several worker processes
+    can each listen on the same port and the kernel spreads connections over them (``--workers``).
+    It has no meaning for a Unix socket, whose workers share one listening socket instead.
+    """
     if isinstance(spec, UnixSpec):
         return await _open_unix(spec.path, unix_mode)
     sock = trio.socket.socket(spec.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if spec.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         await sock.bind((spec.host, spec.port))

@@ -1,32 +1,48 @@
-"""The admin listener's endpoints: ``/metrics``, ``/healthz``, ``/readyz``.
+"""The admin listener's endpoints: ``/metrics``, ``/healthz``, ``/readyz`` and ``/api``.
 
-``/api`` (the JMAP-shaped admin API of design §10) belongs to a later version; until then it is
-answered 404 like any unknown path, so a client learns it is not there rather than getting an
-error that looks like a failed call.
+``/api`` (the JMAP-shaped admin API of design §10, admin/api.py) is served only when a
+``[[admin.token]]`` is configured; without one it is answered 404 like any unknown path, so a
+client learns that management is off rather than getting an error that looks like a failed
+call, and a listener without tokens has nothing that could be guessed at.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from ..config import parse_host_port
+from ..config import AdminToken, parse_host_port
+from .api import AdminApi
 from .health import Readiness
 from .http import Request, Response, serve_http, text_response
+from .store import FilterStore
 
 _json = msgspec.json.Encoder()
 
 
 class AdminApp:
-    """Routes a request to its endpoint; every endpoint answers GET and HEAD only."""
+    """Routes a request to its endpoint; ``/api`` answers POST, the others GET and HEAD.
 
-    def __init__(self, registry: CollectorRegistry, readiness: Readiness) -> None:
+    Args:
+        store: the filters ``/api`` manages; with ``tokens`` it turns ``/api`` on.
+        tokens: ``[[admin.token]]``; none (or no store): ``/api`` answers 404.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        readiness: Readiness,
+        *,
+        store: FilterStore | None = None,
+        tokens: Sequence[AdminToken] = (),
+    ) -> None:
         self.registry = registry
         self.readiness = readiness
+        self.api = AdminApi(store, tokens) if store is not None and tokens else None
         self._routes: dict[str, Callable[[Request], Response]] = {
             "/metrics": self._metrics,
             "/healthz": self._healthz,
@@ -34,8 +50,10 @@ class AdminApp:
         }
 
     async def __call__(self, request: Request) -> Response:
+        if request.path == "/api" and self.api is not None:
+            return await self.api(request)
         if request.path == "/api" or request.path.startswith("/api/"):
-            return text_response(404, "not found: this version has no admin API")
+            return text_response(404, "not found: the admin API is off (no [[admin.token]])")
         route = self._routes.get(request.path)
         if route is None:
             return text_response(404, "not found")
@@ -67,18 +85,22 @@ async def serve_admin(
     registry: CollectorRegistry,
     readiness: Readiness,
     *,
+    store: FilterStore | None = None,
+    tokens: Sequence[AdminToken] = (),
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the admin endpoints on ``listen`` (``HOST:PORT``) until cancelled.
 
-    Reports the bound ``HOST:PORT`` (with the real port when 0 was asked for).
+    Reports the bound ``HOST:PORT`` (with the real port when 0 was asked for). ``store`` and
+    ``tokens`` turn ``/api`` on (see :class:`AdminApp`).
 
     Raises:
         ValueError: ``listen`` is not ``HOST:PORT`` (the config loader has checked it already).
         OSError: the address cannot be bound.
     """
     host, port = parse_host_port(listen)
-    await serve_http(host, port, AdminApp(registry, readiness), task_status=task_status)
+    app = AdminApp(registry, readiness, store=store, tokens=tokens)
+    await serve_http(host, port, app, task_status=task_status)
 
 
 __all__ = ["AdminApp", "serve_admin"]

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Self
 
+import trio
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -23,14 +25,29 @@ def free_port() -> int:
 class BridgeProcess:
     """The service on one listener; ``logs()`` returns its JSON log lines."""
 
-    def __init__(self, workdir: Path, *, listen: str | None = None, args: list[str] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        listen: str | None = None,
+        args: list[str] | None = None,
+        listening: int = 1,
+        start_timeout: float = 15.0,
+    ):
+        """``listening``: how many ``listening`` lines mean started (one per worker with
+        ``--workers``); ``start_timeout``: how long ``with`` waits for them."""
         self.workdir = workdir
+        self.listening = listening
+        self.start_timeout = start_timeout
         self.listen = listen or f"inet:127.0.0.1:{free_port()}"
         self.args = args or []
         self.log_path = workdir / "bridge.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 15.0) -> Self:
+    def start(self, timeout: float | None = None) -> Self:
+        timeout = self.start_timeout if timeout is None else timeout
+        # A second start would lose the first process (and leave it running).
+        assert self.proc is None or self.proc.poll() is not None, "already started"
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
@@ -55,7 +72,7 @@ class BridgeProcess:
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any(line.get("event") == "listening" for line in self.logs()):
+            if len(self.events("listening")) >= self.listening:
                 return self
             if self.proc.poll() is not None:
                 break
@@ -83,6 +100,37 @@ class BridgeProcess:
                 return found
             time.sleep(0.02)
         raise AssertionError(f"no {count} {name!r} lines:\n{self.log_path.read_text()}")
+
+    async def until_logged(
+        self, name: str, count: int = 1, within: float = 10.0
+    ) -> list[dict[str, Any]]:
+        """``wait_for`` for trio tests: polls with trio.sleep, so the test's own tasks (fake
+        milters the bridge talks to) keep running meanwhile."""
+        with trio.move_on_after(within):
+            # A log file has no event to wait on: polled.
+            while len(found := self.events(name)) < count:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+            return found
+        raise AssertionError(f"no {count} {name!r} lines:\n{self.log_path.read_text()}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    def address(self) -> str:
+        """The first milter address of the first ``listening`` line (the real port for 0)."""
+        address: str = self.events("listening")[0]["addresses"][0]
+        return address
+
+    def send_signal(self, signum: int) -> None:
+        assert self.proc is not None, "not started"
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 10.0) -> int:
+        """Wait for the process to exit by itself; its exit status."""
+        assert self.proc is not None, "not started"
+        return self.proc.wait(timeout)
 
     def stop(self) -> int | None:
         if self.proc is None:
