@@ -453,8 +453,10 @@ class MtaSession:
         await self._send_if_awaited(result, stage)
         return True
 
-    def _limit_hit(self, limit: str, **fields: object) -> None:
-        log.warning("limit_hit", limit=limit, **fields)
+    def _limit_hit(self, limit: str, *, quiet: bool = False, **fields: object) -> None:
+        """Log and count a limit; ``quiet`` ones (a normal event, such as a large body going to
+        disk) are logged at info rather than warning."""
+        (log.info if quiet else log.warning)("limit_hit", limit=limit, **fields)
         self.metrics.limit_hit(limit)
 
     # --- joining ------------------------------------------------------------------------
@@ -756,7 +758,11 @@ class MtaSession:
     async def _body(self, chunk: Body) -> dict[str, Outcome]:
         macro = self._take_macro()
         if self._needs_whole_message():
+            in_memory = not self.spool.on_disk
             self.spool.write(chunk.chunk)
+            if in_memory and self.spool.on_disk:
+                # Not a refusal: the body goes on, from a temporary file (design §12).
+                self._limit_hit("spool_memory", quiet=True, bytes=self.spool.size)
         return await self._fan_out(
             lambda client: client.body(macro, chunk.chunk),
             stage=Stage.BODY,

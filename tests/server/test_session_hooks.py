@@ -16,6 +16,7 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from milterbridge.config import Expression, ExpressionMatch, HookFilter, MilterFilter
@@ -314,7 +315,13 @@ async def test_a_large_body_is_spooled_to_disk_and_reaches_the_hook_whole() -> N
     chunks = [bytes([65 + n]) * 65535 for n in range(8)]
     commands = [*MESSAGE[:7], *(Body(chunk) for chunk in chunks), EndOfMessage()]
     client = RecordingHooks()
-    _, answers = await play([_hook()], client, commands, spool_memory=100_000)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, ["policy"], process_metrics=False)
+    with capture_logs() as logs:
+        _, answers = await play([_hook()], client, commands, spool_memory=100_000, metrics=metrics)
+    (spilled,) = [line for line in logs if line["event"] == "limit_hit"]
+    assert spilled["limit"] == "spool_memory" and spilled["bytes"] > 100_000
+    assert registry.get_sample_value("milterbridge_limit_hits_total", {"limit": "spool_memory"})
     assert client.bodies == [b"".join(chunks)]
     assert client.calls[-1][1].body_size == 8 * 65535
     assert _replies(answers, EndOfMessage) == [Continue()]
