@@ -189,7 +189,7 @@ async def main(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="hook-rss-"))
     toml = workdir / "bridge.toml"
     toml.write_text(
-        f'[server]\nspoolMemory = "{args.spool_memory}"\n'
+        f'[server]\nspoolMemory = "{args.spool_memory}"\nmaxSessions = {args.sessions + 10}\n'
         f'[[hook]]\nname = "counting"\nurl = "http://127.0.0.1:{hook_port}/hook"\n'
         'timeout = "120s"\n'
     )

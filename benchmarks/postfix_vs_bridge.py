@@ -5,10 +5,14 @@ Run from the repository root, as root (a private Postfix needs it)::
 
     PYTHONPATH=. python benchmarks/postfix_vs_bridge.py [--messages N] [--concurrency C]
         [--rounds R] [--latency-messages M] [--size BYTES] [--warmup W] [--keep]
+        [--filter pymilter|c]
 
 Every configuration is set up once (its own private Postfix instance delivering to smtp-sink,
-its own fresh pymilter filter processes, and for the bridge rows its own bridge process, which
-is reused across the rounds of that configuration). Then the rows are measured side by side,
+its own fresh filter processes, and for the bridge rows its own bridge process, which is reused
+across the rounds of that configuration). ``--filter`` picks the filters: ``pymilter``
+(tests/fixtures/pymilter_filter.py, the default) or ``c`` (benchmarks/c_filter, stock libmilter
+in C, built with its Makefile: microseconds per step, so the figures are Postfix's and the
+bridge's, not the filters'). Then the rows are measured side by side,
 round by round, alternating direct and bridge (the order flips every round), and the table
 reports the median of the rounds and its ratio against the baseline measured in the same run.
 
@@ -59,6 +63,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.harness import CFilter, build_c_filter  # noqa: E402
 from tests.fixtures.filter_process import FilterProcess  # noqa: E402
 from tests.integration.bridge_process import BridgeProcess  # noqa: E402
 from tests.integration.postfix_harness import PostfixInstance  # noqa: E402
@@ -87,7 +92,7 @@ class Setup:
     key: str
     label: str
     postfix: PostfixInstance
-    filters: list[FilterProcess]
+    filters: list[FilterProcess | CFilter]
     bridge: BridgeProcess | None
     #: header name -> value every delivered message must carry
     expect_headers: dict[str, str]
@@ -95,7 +100,7 @@ class Setup:
     bridge_log_lines: int = 0
 
 
-def _bridge_toml(filters: list[FilterProcess]) -> str:
+def _bridge_toml(filters: list[FilterProcess | CFilter]) -> str:
     lines: list[str] = []
     for f in filters:
         lines += [
@@ -118,11 +123,16 @@ def build_setup(
     *,
     via_bridge: bool,
     expect_headers: dict[str, str],
+    c_filter: Path | None = None,
 ) -> Setup:
     base = workdir / key
     base.mkdir(parents=True)
-    filters = [
-        stack.enter_context(FilterProcess(script, base / f"f{i}", name=f"f{i}"))
+    filters: list[FilterProcess | CFilter] = [
+        stack.enter_context(
+            FilterProcess(script, base / f"f{i}", name=f"f{i}")
+            if c_filter is None
+            else _c_filter(c_filter, script, base / f"f{i}", f"f{i}")
+        )
         for i, script in enumerate(scripts, 1)
     ]
     bridge = None
@@ -139,6 +149,26 @@ def build_setup(
         f"{', '.join(milters)}" + (f" -> {', '.join(f.spec for f in filters)}" if bridge else "")
     )
     return Setup(key, label, postfix, filters, bridge, expect_headers)
+
+
+def _c_filter(binary: Path, script: dict[str, Any], workdir: Path, name: str) -> CFilter:
+    """The C filter doing what a pymilter script of this benchmark asks: one sleep and one
+    added header at end-of-message (the only script features the rows use)."""
+    edits = script.get("eom_edits", [])
+    if (
+        len(edits) > 1
+        or any(edit[0] != "addheader" for edit in edits)
+        or set(script)
+        - {
+            "eom_edits",
+            "eom_sleep_ms",
+        }
+    ):
+        raise ValueError(f"the C filter cannot play {script}")
+    header = (edits[0][1], edits[0][2]) if edits else None
+    return CFilter(
+        binary, workdir, name=name, sleep_ms=script.get("eom_sleep_ms", 0), header=header
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,6 +444,12 @@ def main() -> int:
     )
     parser.add_argument("--timeout", type=float, default=180.0, help="per run")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument(
+        "--filter",
+        choices=["pymilter", "c"],
+        default="pymilter",
+        help="the filters: tests/fixtures/pymilter_filter.py or benchmarks/c_filter",
+    )
     args = parser.parse_args()
 
     if os.geteuid() != 0 or not os.access(SMTP_SOURCE, os.X_OK):
@@ -423,6 +459,9 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mb-bench-"))
     workdir.chmod(0o755)  # the postfix user must traverse it
     progress(f"work directory {workdir}; nproc {os.cpu_count()}; load avg {os.getloadavg()}")
+    c_filter = build_c_filter(workdir / "build") if args.filter == "c" else None
+    if c_filter is not None:
+        progress(f"filters: {c_filter}")
     one = [{"eom_edits": [["addheader", "X-Bench", "1"]]}]
     three = [
         {"eom_sleep_ms": EOM_SLEEP_MS, "eom_edits": [["addheader", f"X-Bench-{i}", "1"]]}
@@ -442,6 +481,7 @@ def main() -> int:
                     one,
                     via_bridge=False,
                     expect_headers={"X-Bench": "1"},
+                    c_filter=c_filter,
                 ),
                 build_setup(
                     stack,
@@ -451,6 +491,7 @@ def main() -> int:
                     one,
                     via_bridge=True,
                     expect_headers={"X-Bench": "1"},
+                    c_filter=c_filter,
                 ),
                 build_setup(
                     stack,
@@ -460,6 +501,7 @@ def main() -> int:
                     three,
                     via_bridge=False,
                     expect_headers=three_headers,
+                    c_filter=c_filter,
                 ),
                 build_setup(
                     stack,
@@ -469,6 +511,7 @@ def main() -> int:
                     three,
                     via_bridge=True,
                     expect_headers=three_headers,
+                    c_filter=c_filter,
                 ),
             )
         }
@@ -522,6 +565,8 @@ def main() -> int:
                         + (f"  PROBLEMS: {'; '.join(run.problems)}" if run.problems else "")
                     )
                     ok = ok and run.seconds is not None and not run.problems
+        kind = "benchmarks/c_filter (C)" if c_filter is not None else "pymilter"
+        print(f"Through Postfix, filters: {kind}, nproc {os.cpu_count()}\n")
         print(table(rows, setups))
         sys.stdout.flush()
         progress("stopping processes")

@@ -1,4 +1,4 @@
-"""Command line: ``milterbridge run | check-config | send`` and the admin API's verbs
+"""Command line: ``milterbridge run | check-config | send | bench`` and the admin API's verbs
 ``get | create | query | update | delete`` (milterbridge/admin_client.py)."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from . import __version__
 from .admin.store import FilterStore
 from .admin_client import ADMIN_COMMANDS, add_admin_commands, run_admin_command
 from .app import ABANDON_SECONDS, CannotListen, ConfigSource, offset_port, run_until_signalled
+from .bench import add_bench_command, run_bench
 from .config import (
     Config,
     ConfigError,
@@ -89,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     send.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
     add_admin_commands(commands)
+    add_bench_command(commands)
     return parser
 
 
@@ -303,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _send(args)
     if args.command in ADMIN_COMMANDS:
         return run_admin_command(args)
+    if args.command == "bench":
+        return run_bench(args)
     return _check_config(args)
 
 
