@@ -18,6 +18,12 @@ LogFormat = Literal["json", "console", "auto"]
 
 _json = msgspec.json.Encoder(enc_hook=str)
 
+#: Whether per-packet tracing is wanted (the debug level). The hot paths test this before
+#: calling the logger: a filtered debug call still costs a logger bind through structlog's lazy
+#: proxy, several times per step -- about a tenth of the bridge's CPU in the profile.
+#: True until logging is configured (structlog's defaults, and tests, show everything).
+TRACE = True
+
 
 def _serialize(obj: Any, default: Any = None, **_: Any) -> bytes:
     # JSONRenderer passes json.dumps-style keywords; msgspec's enc_hook covers ``default``.
@@ -29,6 +35,8 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto") -> None:
     numeric = logging.getLevelNamesMapping().get(level.upper())
     if numeric is None:
         raise ValueError(f"unknown log level {level!r}")
+    global TRACE
+    TRACE = numeric <= logging.DEBUG
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     shared: list[Any] = [

@@ -48,7 +48,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
-from typing import Final
+from typing import Any, Final
 
 import trio
 from prometheus_client import (
@@ -279,6 +279,10 @@ class Metrics:
         for limit in LIMITS:
             self._limits.labels(limit)
         self._filters: dict[str, None] = {}
+        # Labelled children of the per-step instruments, looked up once: ``labels()`` checks
+        # and hashes its arguments on every call, several times per step and filter.
+        self._answered: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._waited: dict[str, Any] = {}
         for name in filters:
             self.add_filter(name)
 
@@ -310,6 +314,7 @@ class Metrics:
         """Drop every series of a filter that is no longer configured."""
         self._filter(name)
         del self._filters[name]
+        self._answered = {key: pair for key, pair in self._answered.items() if key[0] != name}
         for stage in STAGES:
             self._filter_duration.remove(name, stage)
             for verdict in VERDICTS:
@@ -344,7 +349,10 @@ class Metrics:
 
     def stage_waited(self, stage: str, seconds: float) -> None:
         """The MTA waited this long for the bridge's answer to one step."""
-        self._stage.labels(_check("stage", stage, STAGES)).observe(seconds)
+        child = self._waited.get(stage)
+        if child is None:
+            child = self._waited[stage] = self._stage.labels(_check("stage", stage, STAGES))
+        child.observe(seconds)
 
     def time_stage(self, stage: str) -> AbstractContextManager[None]:
         """Observe the time the block takes, on trio's clock, as :meth:`stage_waited`.
@@ -369,10 +377,18 @@ class Metrics:
         A failure is also counted by kind with :meth:`filter_failed`; the two are separate
         because the session knows the stage of a request, and the upstream client the kind.
         """
-        name = self._filter(filter)
-        _check("stage", stage, STAGES)
-        self._requests.labels(name, stage, _check("verdict", verdict, VERDICTS)).inc()
-        self._filter_duration.labels(name, stage).observe(seconds)
+        key = (filter, stage, verdict)
+        pair = self._answered.get(key)
+        if pair is None:
+            name = self._filter(filter)
+            _check("stage", stage, STAGES)
+            _check("verdict", verdict, VERDICTS)
+            pair = self._answered[key] = (
+                self._requests.labels(name, stage, verdict),
+                self._filter_duration.labels(name, stage),
+            )
+        pair[0].inc()
+        pair[1].observe(seconds)
 
     def filter_failed(self, filter: str, kind: str) -> None:
         """A filter error of this kind (design §7) happened."""

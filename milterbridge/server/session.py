@@ -38,6 +38,7 @@ import structlog
 import trio
 from prometheus_client import CollectorRegistry
 
+from .. import logs
 from ..config import HookFilter, MilterFilter
 from ..engine.apply import MessageState
 from ..engine.edits import merge_edits
@@ -303,7 +304,8 @@ class MtaSession:
             self.received_at = trio.current_time()
             if event is CLOSED:
                 return
-            log.debug("mta_packet", packet=type(event).__name__)
+            if logs.TRACE:
+                log.debug("mta_packet", packet=type(event).__name__)
             if not isinstance(event, Macro):
                 self.stats.commands += 1
             match event:
@@ -828,7 +830,8 @@ class MtaSession:
         """Answer the MTA unless it negotiated no reply for this step."""
         if self.milter.connection.awaiting is not None:
             await self.milter.send(result.reply)
-            log.debug("mta_reply", reply=type(result.reply).__name__)
+            if logs.TRACE:
+                log.debug("mta_reply", reply=type(result.reply).__name__)
             self.metrics.stage_waited(stage.value, trio.current_time() - self.received_at)
         return result
 
@@ -910,7 +913,8 @@ class MtaSession:
         accepted = result.reply in (Continue(), Accept())
         packets = script.packets if accepted else []
         await self.milter.send(*packets, result.reply)
-        log.debug("mta_reply", reply=type(result.reply).__name__, edits=len(packets))
+        if logs.TRACE:
+            log.debug("mta_reply", reply=type(result.reply).__name__, edits=len(packets))
         self.metrics.stage_waited(Stage.EOM.value, trio.current_time() - self.received_at)
         if not accepted:
             verdict = result.verdict.value

@@ -52,6 +52,7 @@ from contextlib import asynccontextmanager
 import structlog
 import trio
 
+from .. import logs
 from ..milter import (
     CHUNK_SIZE,
     CLOSED,
@@ -386,12 +387,13 @@ class UpstreamMilter(trio.abc.AsyncResource):
             await self._refuse_unsolicited(stage)
             await self.milter.send(*packets)
             replies = await _read_replies(self.milter, scope, self._timeout(kind)[0])
-            _trace.debug(
-                "filter_packets",
-                filter=self.endpoint.name,
-                sent=[type(packet).__name__ for packet in packets],
-                received=[type(reply).__name__ for reply in replies],
-            )
+            if logs.TRACE:
+                _trace.debug(
+                    "filter_packets",
+                    filter=self.endpoint.name,
+                    sent=[type(packet).__name__ for packet in packets],
+                    received=[type(reply).__name__ for reply in replies],
+                )
             return replies
         raise AssertionError("unreachable")  # pragma: no cover -- the guard never swallows
 

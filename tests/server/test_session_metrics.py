@@ -3,6 +3,7 @@ each message gets one canonical ``message_end`` line without content or secrets.
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 from prometheus_client import CollectorRegistry
@@ -159,3 +160,24 @@ async def test_packets_are_traced_at_debug_only_by_kind() -> None:
     for entry in logs:
         if entry["event"] == "mta_packet":
             assert set(entry) <= {"event", "log_level", "packet", "session_id"}
+
+
+async def test_at_info_level_the_trace_calls_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above debug level the session does not even call the logger for packet traces."""
+    import milterbridge.server.session as session_module
+    from milterbridge.logs import configure_logging
+
+    real = session_module.log
+    traced: list[object] = []
+
+    class Spy:
+        def debug(self, event: str, **_: object) -> None:
+            traced.append(event)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    monkeypatch.setattr(session_module, "log", Spy())
+    configure_logging("info", "json")
+    await play([_hook()], RecordingHooks(_hook_edit))
+    assert traced == []
