@@ -30,6 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +181,22 @@ async def idle_sessions(port: int, count: int) -> list[trio.SocketStream]:
     return streams
 
 
-async def main(args: argparse.Namespace) -> None:
+@dataclass
+class RunningBridge:
+    """The bridge process under measurement, with the counting hook it calls."""
+
+    process: subprocess.Popen[bytes]
+    milter_port: int
+    hook: CountingHook
+    workdir: Path
+
+
+@asynccontextmanager
+async def bridge_with_hook(
+    spool_memory: str, max_sessions: int, hook_timeout: str, prefix: str
+) -> AsyncIterator[RunningBridge]:
+    """Start the hook endpoint and ``milterbridge run`` with one data-stage hook on it; stop
+    both on exit. Yields once the bridge accepts connections."""
     hook = CountingHook()
     hook_port = free_port()
     config = HypercornConfig()
@@ -186,38 +204,25 @@ async def main(args: argparse.Namespace) -> None:
     config.accesslog = None
     config.errorlog = None
     milter_port = free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="hook-rss-"))
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     toml = workdir / "bridge.toml"
     toml.write_text(
-        f'[server]\nspoolMemory = "{args.spool_memory}"\nmaxSessions = {args.sessions + 10}\n'
+        f'[server]\nspoolMemory = "{spool_memory}"\nmaxSessions = {max_sessions}\n'
         f'[[hook]]\nname = "counting"\nurl = "http://127.0.0.1:{hook_port}/hook"\n'
-        'timeout = "120s"\n'
+        f'timeout = "{hook_timeout}"\n'
     )
     async with trio.open_nursery() as nursery:
         shutdown = trio.Event()
         nursery.start_soon(
             lambda: hypercorn_serve(hook, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
         )
-        log = (workdir / "bridge.log").open("wb")
-        # Popen only forks and execs: blocking that briefly is fine in a by-hand benchmark.
-        bridge = subprocess.Popen(  # noqa: ASYNC220
-            [
-                sys.executable,
-                "-m",
-                "milterbridge",
-                "run",
-                "--config",
-                str(toml),
-                "--listen",
-                f"inet:127.0.0.1:{milter_port}",
-                "--admin-listen",
-                "",
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            stderr=log,
-        )
+        argv = [sys.executable, "-m", "milterbridge", "run", "--config", str(toml)]
+        argv += ["--listen", f"inet:127.0.0.1:{milter_port}", "--admin-listen", ""]
+        with (workdir / "bridge.log").open("wb") as log:
+            # Popen only forks and execs: blocking that briefly is fine in a by-hand benchmark.
+            process = subprocess.Popen(  # noqa: ASYNC220
+                [*argv, "--log-level", "warning"], cwd=ROOT, stderr=log
+            )
         try:
             for _ in range(500):
                 try:
@@ -225,23 +230,31 @@ async def main(args: argparse.Namespace) -> None:
                     break
                 except OSError:
                     await trio.sleep(0.02)
-            started = rss_kib(bridge.pid)
-            await play_message(milter_port, 10_000, None, bridge.pid)
-            idle = rss_kib(bridge.pid)
-            held = await idle_sessions(milter_port, args.sessions) if args.sessions else []
-            with_sessions = rss_kib(bridge.pid)
-            samples: list[int] = []
-            size = args.size_mb * 1000 * 1000
-            began = time.perf_counter()
-            final = await play_message(milter_port, size, samples, bridge.pid)
-            elapsed = time.perf_counter() - began
-            after = rss_kib(bridge.pid)
-            for stream in held:
-                await stream.aclose()
+            yield RunningBridge(process, milter_port, hook, workdir)
         finally:
-            bridge.terminate()
-            bridge.wait(10)
+            process.terminate()
+            process.wait(30)
             shutdown.set()
+
+
+async def main(args: argparse.Namespace) -> None:
+    size = args.size_mb * 1000 * 1000
+    async with bridge_with_hook(
+        args.spool_memory, args.sessions + 10, "120s", "hook-rss-"
+    ) as running:
+        pid, milter_port, hook = running.process.pid, running.milter_port, running.hook
+        started = rss_kib(pid)
+        await play_message(milter_port, 10_000, None, pid)
+        idle = rss_kib(pid)
+        held = await idle_sessions(milter_port, args.sessions) if args.sessions else []
+        with_sessions = rss_kib(pid)
+        samples: list[int] = []
+        began = time.perf_counter()
+        final = await play_message(milter_port, size, samples, pid)
+        elapsed = time.perf_counter() - began
+        after = rss_kib(pid)
+        for stream in held:
+            await stream.aclose()
     assert hook.received[-1] > size, hook.received
     peak = max(samples)
     print(f"# hook RSS, {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores", file=sys.stderr)

@@ -26,26 +26,16 @@ message. The markdown table goes to stdout, progress to stderr.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import REPO, machine_line, progress
-from benchmarks.hook_rss import (
-    CountingHook,
-    free_port,
-    idle_sessions,
-    play_message,
-    rss_kib,
-)
+from benchmarks.harness import machine_line, progress
+from benchmarks.hook_rss import bridge_with_hook, idle_sessions, play_message, rss_kib
 from milterbridge.durations import Size
 
 SESSIONS_TARGET_MB = 150.0
@@ -58,63 +48,33 @@ def mb(kib: int) -> float:
 
 
 async def main(args: argparse.Namespace) -> int:
-    hook = CountingHook()
-    hook_port = free_port()
-    config = HypercornConfig()
-    config.bind = [f"127.0.0.1:{hook_port}"]
-    config.accesslog = None
-    config.errorlog = None
-    milter_port = free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="mb-memory-"))
-    toml = workdir / "bridge.toml"
-    toml.write_text(
-        f'[server]\nspoolMemory = "{args.spool_memory}"\nmaxSessions = {args.sessions + 10}\n'
-        f'[[hook]]\nname = "counting"\nurl = "http://127.0.0.1:{hook_port}/hook"\n'
-        'timeout = "300s"\n'
-    )
     size = args.size_mb * 1000 * 1000
-    progress(f"work directory {workdir}; {machine_line()}")
-    async with trio.open_nursery() as nursery:
-        shutdown = trio.Event()
-        nursery.start_soon(
-            lambda: hypercorn_serve(hook, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+    async with bridge_with_hook(
+        args.spool_memory, args.sessions + 10, "300s", "mb-memory-"
+    ) as running:
+        pid, milter_port, hook, workdir = (
+            running.process.pid,
+            running.milter_port,
+            running.hook,
+            running.workdir,
         )
-        log = (workdir / "bridge.log").open("wb")
-        # Popen only forks and execs: blocking that briefly is fine in a by-hand benchmark.
-        argv = [sys.executable, "-m", "milterbridge", "run", "--config", str(toml)]
-        argv += ["--listen", f"inet:127.0.0.1:{milter_port}", "--admin-listen", ""]
-        bridge = subprocess.Popen(  # noqa: ASYNC220
-            [*argv, "--log-level", "warning"],
-            cwd=REPO,
-            stderr=log,
-        )
-        try:
-            for _ in range(500):
-                try:
-                    (await trio.open_tcp_stream("127.0.0.1", milter_port)).socket.close()
-                    break
-                except OSError:
-                    await trio.sleep(0.02)
-            started = rss_kib(bridge.pid)
-            await play_message(milter_port, 10_000, None, bridge.pid)
-            idle = rss_kib(bridge.pid)
-            progress(f"idle {mb(idle):.1f} MB; sending a {args.size_mb} MB message")
-            samples: list[int] = []
-            began = time.perf_counter()
-            final = await play_message(milter_port, size, samples, bridge.pid)
-            took = time.perf_counter() - began
-            await trio.sleep(0.5)
-            after_message = rss_kib(bridge.pid)
-            progress(f"opening {args.sessions} idle sessions")
-            held = await idle_sessions(milter_port, args.sessions)
-            await trio.sleep(0.5)
-            with_sessions = rss_kib(bridge.pid)
-            for stream in held:
-                await stream.aclose()
-        finally:
-            bridge.terminate()
-            bridge.wait(30)
-            shutdown.set()
+        progress(f"work directory {workdir}; {machine_line()}")
+        started = rss_kib(pid)
+        await play_message(milter_port, 10_000, None, pid)
+        idle = rss_kib(pid)
+        progress(f"idle {mb(idle):.1f} MB; sending a {args.size_mb} MB message")
+        samples: list[int] = []
+        began = time.perf_counter()
+        final = await play_message(milter_port, size, samples, pid)
+        took = time.perf_counter() - began
+        await trio.sleep(0.5)
+        after_message = rss_kib(pid)
+        progress(f"opening {args.sessions} idle sessions")
+        held = await idle_sessions(milter_port, args.sessions)
+        await trio.sleep(0.5)
+        with_sessions = rss_kib(pid)
+        for stream in held:
+            await stream.aclose()
     received = hook.received[-1]
     peak = max(samples) if samples else 0
     above = peak - idle
