@@ -108,7 +108,9 @@ class _Modification(msgspec.Struct, frozen=True, tag_field="type"):
     """One entry of ``modifications``, told apart by its ``type``."""
 
 
-class ChangeFrom(_Modification, frozen=True, tag="changeFrom"):
+class _AddressEdit(_Modification, frozen=True):
+    """An envelope address with optional ESMTP parameters."""
+
     value: str
     parameters: dict[str, Parameter] | None = None
 
@@ -116,18 +118,13 @@ class ChangeFrom(_Modification, frozen=True, tag="changeFrom"):
         _check_address(self.value)
         _check_parameters(self.parameters)
 
+
+class ChangeFrom(_AddressEdit, frozen=True, tag="changeFrom"):
     def apply_to(self, builder: EditBuilder) -> None:
         builder.change_from(self.value, self.parameters)
 
 
-class AddRcpt(_Modification, frozen=True, tag="addRcpt"):
-    value: str
-    parameters: dict[str, Parameter] | None = None
-
-    def __post_init__(self) -> None:
-        _check_address(self.value)
-        _check_parameters(self.parameters)
-
+class AddRcpt(_AddressEdit, frozen=True, tag="addRcpt"):
     def apply_to(self, builder: EditBuilder) -> None:
         builder.add_rcpt(self.value, self.parameters)
 
@@ -172,7 +169,9 @@ class AddHeader(_Modification, frozen=True, tag="addHeader"):
 Index = Annotated[int, msgspec.Meta(ge=0)]
 
 
-class InsertHeader(_Modification, frozen=True, tag="insertHeader"):
+class _HeaderAt(_Modification, frozen=True):
+    """A header field given with its position in the list the hook was sent."""
+
     index: Index
     name: str
     value: str
@@ -181,19 +180,13 @@ class InsertHeader(_Modification, frozen=True, tag="insertHeader"):
         _check_name(self.name)
         _check_value(self.value)
 
+
+class InsertHeader(_HeaderAt, frozen=True, tag="insertHeader"):
     def apply_to(self, builder: EditBuilder) -> None:
         builder.insert_header(self.index, self.name, self.value)
 
 
-class ChangeHeader(_Modification, frozen=True, tag="changeHeader"):
-    index: Index
-    name: str
-    value: str
-
-    def __post_init__(self) -> None:
-        _check_name(self.name)
-        _check_value(self.value)
-
+class ChangeHeader(_HeaderAt, frozen=True, tag="changeHeader"):
     def apply_to(self, builder: EditBuilder) -> None:
         builder.change_header(self.index, self.name, self.value)
 
