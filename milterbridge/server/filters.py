@@ -197,21 +197,16 @@ class HookSlot:
     def usable(self) -> bool:
         return not self.gone and self.sticky is None
 
-    def stages_at(
-        self,
-        command: type[Command],
-        authenticated: bool,
-        variables: Mapping[str, str | list[str]],
-    ) -> list[str]:
-        """The hook stages to call now, in order (``auth`` before ``mail``), if enabled."""
-        stages: list[str] = [
+    def stages_at(self, command: type[Command], authenticated: bool) -> list[str]:
+        """The listed hook stages reached at this command, in order (``auth`` before ``mail``),
+        if the hook is still usable; whether ``enable`` holds is the caller's to ask."""
+        if not self.usable:
+            return []
+        return [
             stage
             for stage in HOOK_STAGES_AT.get(command, ())
             if stage in self.config.stages and (stage != "auth" or authenticated)
         ]
-        if stages and self.usable and self.config.enable.evaluate(variables):
-            return stages
-        return []
 
     @property
     def wants_message(self) -> bool:

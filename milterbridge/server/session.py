@@ -603,13 +603,14 @@ class MtaSession:
     # --- hooks --------------------------------------------------------------------------
 
     def _hook_calls(self, command: type[Command], current: Rcpt | None) -> _HookCalls:
-        if not self.hooks:
-            return []
+        listed = [(slot, slot.stages_at(command, self.authenticated)) for slot in self.hooks]
+        listed = [(slot, stages) for slot, stages in listed if stages]
+        if not listed:
+            return []  # the common case: no variables to build
         variables = session_variables(self.history, self.macros, current)
         calls: _HookCalls = []
-        for slot in self.hooks:
-            stages = slot.stages_at(command, self.authenticated, variables)
-            if not stages:
+        for slot, stages in listed:
+            if not slot.config.enable.evaluate(variables):
                 continue
             if self.breakers.admit(slot.name):
                 calls.append((slot, stages))
