@@ -2,14 +2,25 @@
 
 Both sides use it (the MTA-facing session and the upstream milter client), so the socket rules of
 design §4 live here once: TCP_NODELAY on every TCP socket, every batch of packets owed to a peer
-in one write, and TCP_QUICKACK re-armed after every receive. The last one matters because stock
-libmilter filters write an end-of-message edit and the final reply separately with Nagle on, and
-Sendmail writes each macro packet apart from its command: without a quick ACK from our side, the
-peer's second write waits for our delayed ACK (about 40 ms on Linux).
+in one write, and, on upstream connections, TCP_QUICKACK re-armed after every receive. The last
+one matters because stock libmilter filters write an end-of-message edit and the final reply
+separately with Nagle on: without a quick ACK from our side, the filter's second write waits for
+our delayed ACK (about 40 ms on Linux). The MTA side does not need it: Postfix writes each packet
+(macros included) in one go, and every re-arm is a system call.
+
+**The direct socket path.** On a plain socket, a receive or send first tries the system call
+itself and goes through trio only when it would block (or every ``_FAIR_TURNS`` calls, to let
+other tasks run). trio's own ``SocketStream`` methods yield to the scheduler twice on every call,
+even when the kernel had the bytes ready: with about 80 receives and 80 sends per message that
+machinery was the largest single cost in the bridge's profile (benchmarks/README.md). The path
+uses the stdlib socket inside trio's socket object (``_sock``, not public API; checked at
+construction, and without it the stream is used as before), and translates OS errors the way
+trio's stream does, so callers see the same ``BrokenResourceError``/``ClosedResourceError``.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
 
 import trio
@@ -20,6 +31,13 @@ from .milter import NEED_DATA, Connection, Event, Message
 READ_SIZE = 65536 + 16
 
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+
+#: Calls of the direct path between two checkpoints: a session whose peers always have bytes
+#: ready must still let the other sessions (and its own cancellation) in now and then.
+_FAIR_TURNS = 16
+
+#: Errors that mean our own end is already closed (trio's stream says ClosedResourceError).
+_CLOSED_ERRNOS = {errno.EBADF, errno.ENOTSOCK}
 
 
 def _tcp_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
@@ -33,6 +51,14 @@ def _tcp_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     return None
 
 
+def _stdlib_socket(stream: trio.abc.Stream) -> socket.socket | None:
+    """The stdlib socket under a plain trio SocketStream (TLS and test streams have none)."""
+    if not isinstance(stream, trio.SocketStream):
+        return None
+    raw = getattr(stream.socket, "_sock", None)
+    return raw if isinstance(raw, socket.socket) else None
+
+
 def set_nodelay(stream: trio.abc.Stream) -> None:
     """Turn Nagle off (trio does this for its SocketStreams; we say it rather than rely on it)."""
     sock = _tcp_socket(stream)
@@ -40,13 +66,27 @@ def set_nodelay(stream: trio.abc.Stream) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class MilterStream:
-    """A Connection bound to a stream: ``receive()`` one packet, ``send()`` a batch at once."""
+def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+    if exc.errno in _CLOSED_ERRNOS:
+        return trio.ClosedResourceError("this socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
-    def __init__(self, stream: trio.abc.Stream, connection: Connection) -> None:
+
+class MilterStream:
+    """A Connection bound to a stream: ``receive()`` one packet, ``send()`` a batch at once.
+
+    ``quickack`` re-arms TCP_QUICKACK after every receive (upstream connections; see above).
+    """
+
+    def __init__(
+        self, stream: trio.abc.Stream, connection: Connection, *, quickack: bool = False
+    ) -> None:
         self.stream = stream
         self.connection = connection
-        self._tcp = _tcp_socket(stream)
+        tcp = _tcp_socket(stream)
+        self._quickack = tcp if quickack and _QUICKACK is not None else None
+        self._raw = _stdlib_socket(stream)
+        self._turns = 0
         set_nodelay(stream)
 
     async def receive(self) -> Event:
@@ -56,14 +96,64 @@ class MilterStream:
             event = connection.next_event()
             if event is not NEED_DATA:
                 return event
-            data = await self.stream.receive_some(READ_SIZE)
-            if self._tcp is not None and _QUICKACK is not None and data:
-                self._tcp.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            data = await self.receive_some()
+            if self._quickack is not None and data:
+                self._quickack.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)  # type: ignore[arg-type]
             connection.receive_data(data)
+
+    async def receive_some(self) -> bytes | bytearray:
+        """Up to READ_SIZE bytes (b"" at end of stream), by the direct path where there is one."""
+        raw = self._raw
+        if raw is None:
+            return await self.stream.receive_some(READ_SIZE)
+        await self._take_turn()
+        while True:
+            try:
+                return raw.recv(READ_SIZE)
+            except BlockingIOError:
+                self._turns = 0
+                await trio.lowlevel.wait_readable(raw)
+            except OSError as exc:
+                raise _stream_error(exc) from exc
+
+    def receive_ready(self) -> bytes | None:
+        """Bytes the kernel already holds (b"" for end of stream), or None if there are none --
+        without blocking and without yielding. Only for plain sockets; elsewhere None."""
+        raw = self._raw
+        if raw is None:
+            return None
+        try:
+            return raw.recv(READ_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise _stream_error(exc) from exc
 
     async def send(self, *messages: Message) -> None:
         """Encode and write the packets in one send, so Nagle and delayed ACK never split them."""
-        await self.stream.send_all(self.connection.send_many(messages))
+        data = self.connection.send_many(messages)
+        raw = self._raw
+        if raw is None:
+            await self.stream.send_all(data)
+            return
+        await self._take_turn()
+        try:
+            sent = raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+        if sent < len(data):  # the kernel's buffer is full: let trio wait for room
+            self._turns = 0
+            await self.stream.send_all(memoryview(data)[sent:])
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+    async def _take_turn(self) -> None:
+        self._turns += 1
+        if self._turns >= _FAIR_TURNS:
+            self._turns = 0
+            await trio.lowlevel.checkpoint()
+        elif self._raw is not None and self._raw.fileno() == -1:
+            raise trio.ClosedResourceError("this socket was already closed")

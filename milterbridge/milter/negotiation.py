@@ -96,18 +96,34 @@ class Negotiated:
     actions: Action
     protocol: Protocol
     macros: dict[MacroStage, tuple[bytes, ...]] = field(default_factory=dict)
+    #: The answers of ``sends`` and ``no_reply``, worked out once: both are asked for every
+    #: packet, and the flag arithmetic on enums was a visible share of the profile.
+    _unsent: frozenset[type[Command]] = field(init=False, repr=False, compare=False)
+    _unanswered: frozenset[type[Command]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        known = STEP_FLAGS.keys() | MIN_VERSION_FOR.keys()
+        unsent = {
+            command
+            for command in known
+            if self.version < MIN_VERSION_FOR.get(command, MIN_VERSION)
+            or (command in STEP_FLAGS and self.protocol & STEP_FLAGS[command][0])
+        }
+        unanswered = {
+            command for command, flags in STEP_FLAGS.items() if self.protocol & flags[1]
+        }
+        object.__setattr__(self, "_unsent", frozenset(unsent))
+        object.__setattr__(self, "_unanswered", frozenset(unanswered))
 
     def sends(self, command: type[Command]) -> bool:
         """Whether the MTA sends this event at all (not disabled by NO_*, defined in version)."""
-        if self.version < MIN_VERSION_FOR.get(command, MIN_VERSION):
+        if command in self._unsent:
             return False
-        flags = STEP_FLAGS.get(command)
-        return flags is None or not self.protocol & flags[0]
+        return command in STEP_FLAGS or self.version >= MIN_VERSION_FOR.get(command, MIN_VERSION)
 
     def no_reply(self, command: type[Command]) -> bool:
         """Whether the filter promised not to answer this event (NR_*)."""
-        flags = STEP_FLAGS.get(command)
-        return flags is not None and bool(self.protocol & flags[1])
+        return command in self._unanswered
 
     @property
     def skip(self) -> bool:
