@@ -217,10 +217,19 @@ def workers_supported() -> bool:
 class Bridge:
     """``python -m milterbridge run`` on a loopback port, logging warnings and errors only."""
 
-    def __init__(self, workdir: Path, filters: list[CFilter], *, workers: int | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        filters: list[CFilter],
+        *,
+        workers: int | None = None,
+        server: str = "",
+    ):
+        """``server``: lines for the ``[server]`` table (e.g. ``deferMessageVerdicts = true``)."""
         self.workdir = workdir
         self.filters = filters
         self.workers = workers
+        self.server = server
         self.port = 0
         self.log_path = workdir / "bridge.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -232,7 +241,8 @@ class Bridge:
     def start(self, timeout: float = 30.0) -> Self:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "bridge.toml"
-        config.write_text(bridge_toml(self.filters))
+        server = f"[server]\n{self.server}\n\n" if self.server else ""
+        config.write_text(server + bridge_toml(self.filters))
         self.port = free_port()
         argv = [sys.executable, "-m", "milterbridge", "run", "--config", str(config)]
         argv += ["--listen", self.spec, "--admin-listen", "", "--log-level", "warning"]

@@ -233,6 +233,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=40, help="unmeasured messages per run")
     parser.add_argument("--processes", type=int, default=1, help="generator processes")
     parser.add_argument("--no-workers", action="store_true", help="skip row d")
+    parser.add_argument(
+        "--deferred", action="store_true", help="add rows for deferMessageVerdicts = true"
+    )
     parser.add_argument("--profile", type=Path, metavar="FILE", help="py-spy the bridge")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
@@ -260,18 +263,28 @@ def main() -> int:
     ok = True
     with ExitStack() as stack:
 
-        def setup(key: str, label: str, *, bridge: bool, count: int | None = None) -> Setup:
+        def setup(
+            key: str, label: str, *, bridge: bool, count: int | None = None, server: str = ""
+        ) -> Setup:
             """A filter of its own, and in front of it a bridge of its own (``--workers
-            count``, or no such option when None)."""
+            count``, or no such option when None; ``server``: its ``[server]`` lines)."""
             f = stack.enter_context(CFilter(binary, workdir / key, name=f"{key}-filter"))
             if not bridge:
                 return Setup(key, label, f.spec, f)
-            b = stack.enter_context(Bridge(workdir / key, [f], workers=count))
+            b = stack.enter_context(Bridge(workdir / key, [f], workers=count, server=server))
             return Setup(key, label, b.spec, f, b)
 
         direct = setup("direct", "bench -> filter", bridge=False)
         via = setup("bridge", "bench -> bridge -> filter", bridge=True)
         setups = [direct, via]
+        if args.deferred:
+            deferred = setup(
+                "deferred",
+                "bench -> bridge (deferMessageVerdicts) -> filter",
+                bridge=True,
+                server="deferMessageVerdicts = true",
+            )
+            setups.append(deferred)
         if workers:
             one = setup("w1", "bench -> bridge --workers 1 -> filter", bridge=True, count=1)
             two = setup("w2", "bench -> bridge --workers 2 -> filter", bridge=True, count=2)
@@ -302,6 +315,10 @@ def main() -> int:
         lat_d = row("a-lat", direct, 1, args.latency_messages)
         lat_b = row("a-lat", via, 1, args.latency_messages, lat_d)
         pairs = [(a_d, a_b), (lat_d, lat_b)]
+        if args.deferred:
+            # Against the plain bridge: what not waiting at headers and body saves.
+            pairs.append((a_b, row("a-defer", deferred, c, args.messages, a_b)))
+            pairs.append((lat_b, row("a-defer-lat", deferred, 1, args.latency_messages, lat_b)))
         if workers:
             d_1 = row("d", one, c, args.messages)
             d_2 = row("d", two, c, args.messages, d_1)
@@ -319,7 +336,9 @@ def main() -> int:
                         f"{fmt(row.value(run))} {row.metric}; errors {s.error_total}"
                     )
         print(f"Protocol level, {machine_line()}\n")
-        print(table([row for pair in pairs for row in pair]))
+        # A row in two pairs (the plain bridge, with --deferred) is measured in both, shown once.
+        shown = {id(row): row for pair in pairs for row in pair}
+        print(table(list(shown.values())))
         for note in notes:
             print(f"\n{note}")
         sys.stdout.flush()

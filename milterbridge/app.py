@@ -97,6 +97,7 @@ class SessionFactory:
             max_headers=server.max_headers,
             max_recipients=server.max_recipients,
             idle_timeout=float(server.idle_timeout),
+            defer_message_verdicts=server.defer_message_verdicts,
         )
 
     async def __call__(self, stream: trio.SocketStream) -> None:

@@ -94,6 +94,8 @@ class ServerConfig(Base, frozen=True):
     max_headers: Annotated[int, msgspec.Meta(ge=1)] = 1000
     #: Recipients per message; each one beyond is refused (452 4.5.3).
     max_recipients: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    #: Let the MTA stream headers and body without waiting; refusals come at end-of-message.
+    defer_message_verdicts: bool = False
     #: Consecutive failures after which a filter's circuit opens.
     circuit_failures: Annotated[int, msgspec.Meta(ge=1)] = 5
     #: How long an open circuit stays open before one attempt may go through.

@@ -198,16 +198,33 @@ def offer_for_upstreams(offer: OptNeg, negotiated: Negotiated) -> OptNeg:
     return OptNeg(negotiated.version, actions, protocol)
 
 
+#: The steps ``deferMessageVerdicts`` asks the MTA not to wait at.
+DEFERRED_STEPS = (Header, EndOfHeaders, Body)
+
+
 def answer_mta(
     offer: OptNeg,
     filters: Sequence[Negotiated | None],
     hooks: Sequence[HookFilter] = (),
+    *,
+    defer_message_verdicts: bool = False,
 ) -> OptNegReply:
-    """The bridge's OPTNEG answer to the MTA, from every milter's cached options and the hooks."""
+    """The bridge's OPTNEG answer to the MTA, from every milter's cached options and the hooks.
+
+    With ``defer_message_verdicts`` the MTA is asked for no reply to headers, end-of-headers and
+    body chunks (SMFIP_NR_*): it streams them without waiting, and a filter's refusal of one of
+    them reaches the MTA as the answer to end-of-message.
+    """
     every = [*filters, *(hook_options(hook) for hook in hooks)]
+    protocol = bridge_protocol(every)
+    if defer_message_verdicts:
+        for step in DEFERRED_STEPS:
+            no_flag, nr_flag = STEP_FLAGS[step]
+            if not protocol & no_flag:
+                protocol |= nr_flag
     return answer_offer(
         offer,
         actions=bridge_actions(every),
-        protocol=bridge_protocol(every),
+        protocol=protocol,
         macros=bridge_macros(every, BRIDGE_MACROS if hooks else None),
     )

@@ -193,6 +193,7 @@ class MtaSession:
         max_headers: int = 1000,
         max_recipients: int = 1000,
         idle_timeout: float = 600.0,
+        defer_message_verdicts: bool = False,
     ) -> None:
         if hooks and hook_client is None:
             raise ValueError("hooks need a hook client")
@@ -229,6 +230,8 @@ class MtaSession:
         self.max_headers = max_headers
         self.max_recipients = max_recipients
         self.idle_timeout = idle_timeout
+        #: ``deferMessageVerdicts``: headers and body are not waited for (see options.py).
+        self.defer_message_verdicts = defer_message_verdicts
         #: A limit refused the message: the answer to its remaining steps (design §12).
         self.refusal: StageResult | None = None
         self.cache: OptionsCache = {} if options_cache is None else options_cache
@@ -314,7 +317,13 @@ class MtaSession:
                     self.offer = event
                     options = [self._live_options(slot) for slot in self.slots]
                     hooks = [slot.config for slot in self.hooks]
-                    await self.milter.send(answer_mta(event, options, hooks))
+                    answer = answer_mta(
+                        event,
+                        options,
+                        hooks,
+                        defer_message_verdicts=self.defer_message_verdicts,
+                    )
+                    await self.milter.send(answer)
                 case Macro():
                     self.macro = event
                     for name, value in event.macros:
@@ -835,6 +844,10 @@ class MtaSession:
             if logs.TRACE:
                 log.debug("mta_reply", reply=type(result.reply).__name__)
             self.metrics.stage_waited(stage.value, trio.current_time() - self.received_at)
+        elif self.refusal is None and stage in _MESSAGE_STAGES and result.verdict in _REFUSALS:
+            # The MTA did not wait for this step (no-reply headers or body): the refusal is its
+            # answer at the next step it waits for, end-of-message.
+            self.refusal = result
         return result
 
     # --- accounting ---------------------------------------------------------------------

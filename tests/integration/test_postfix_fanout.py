@@ -242,3 +242,38 @@ def test_late_joiner_refusing_a_replayed_recipient_removes_it(tmp_path: Path) ->
         replayed = [r["rcpt"] for r in processes[0].events("rcpt")]
     assert replayed == ["<b@rcpt.test>", "<c@rcpt.test>"]
     assert list(delivered.recipients) == ["b@rcpt.test"]
+
+
+DEFERRED = """
+[server]
+deferMessageVerdicts = true
+
+[[milter]]
+name = "rewriter"
+hostname = "127.0.0.1"
+port = {ports[0]}
+
+[[milter]]
+name = "rejecter"
+hostname = "127.0.0.1"
+port = {ports[1]}
+"""
+
+
+def test_deferred_verdicts_reach_postfix_at_end_of_message(tmp_path: Path) -> None:
+    """With deferMessageVerdicts, Postfix streams headers and body without waiting (it was asked
+    for no replies there); a filter's refusal of one header is the answer after the final dot,
+    and a message nobody refuses arrives with every edit."""
+    rejecter = {"replies": {"header": {"X-Drop": ["reject", "554", "5.7.1", "header refused"]}}}
+    with chain_with_config(tmp_path, [REWRITER, rejecter], DEFERRED) as (postfix, bridge, _):
+        result = postfix.send("a@sender.test", ["b@rcpt.test"], make_message(HEADERS, b"x\r\n"))
+        assert result.data is not None
+        assert result.data.code == 554
+        assert "5.7.1 header refused" in result.data.text
+        clean = [(name, value) for name, value in HEADERS if name != "X-Drop"]
+        result = postfix.send("a@sender.test", ["b@rcpt.test"], make_message(clean, b"x\r\n"))
+        assert result.accepted, result
+        (delivered,) = postfix.wait_delivered(1)
+        bridge.wait_for("session_end")
+    assert delivered.header("X-Rewriter") == "yes"
+    assert delivered.body == generated_body(70000, "B")

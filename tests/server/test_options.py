@@ -102,3 +102,18 @@ def test_milters_are_offered_only_what_the_bridge_can_forward() -> None:
     assert offer.actions == Action.ADDHDRS | Action.CHGBODY | Action.SETSYMLIST
     assert not offer.protocol & (Protocol.HDR_LEADSPC | Protocol.RCPT_REJ)
     assert offer.protocol & Protocol.NR_HDR and offer.protocol & Protocol.SKIP
+
+
+def test_deferred_verdicts_ask_for_no_reply_to_headers_and_body_only() -> None:
+    """deferMessageVerdicts adds NR_HDR/NR_EOH/NR_BODY, never to a step nobody wants."""
+    plain = agree(POSTFIX, answer_mta(POSTFIX, [_options()]))
+    deferred = agree(POSTFIX, answer_mta(POSTFIX, [_options()], defer_message_verdicts=True))
+    wanted = Protocol.NR_HDR | Protocol.NR_EOH | Protocol.NR_BODY
+    assert not plain.protocol & wanted
+    assert deferred.protocol & wanted == wanted
+    assert not deferred.protocol & (Protocol.NR_CONN | Protocol.NR_MAIL | Protocol.NR_RCPT)
+    no_body = agree(
+        POSTFIX,
+        answer_mta(POSTFIX, [_options(Protocol.NOBODY)], defer_message_verdicts=True),
+    )
+    assert no_body.protocol & Protocol.NOBODY and not no_body.protocol & Protocol.NR_BODY
