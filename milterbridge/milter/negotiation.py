@@ -109,9 +109,7 @@ class Negotiated:
             if self.version < MIN_VERSION_FOR.get(command, MIN_VERSION)
             or (command in STEP_FLAGS and self.protocol & STEP_FLAGS[command][0])
         }
-        unanswered = {
-            command for command, flags in STEP_FLAGS.items() if self.protocol & flags[1]
-        }
+        unanswered = {command for command, flags in STEP_FLAGS.items() if self.protocol & flags[1]}
         object.__setattr__(self, "_unsent", frozenset(unsent))
         object.__setattr__(self, "_unanswered", frozenset(unanswered))
 
