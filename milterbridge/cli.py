@@ -28,6 +28,7 @@ from .config import (
     load_config,
     parse_host_port,
 )
+from .hardening import apply_core_dump_policy
 from .listeners import ListenerSpecError, parse_listener
 from .logs import configure_logging
 from .send import Envelope, send_main
@@ -56,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="admin HTTP listener (/metrics, /healthz, /readyz); '' turns it off; "
         "overrides [admin] listen",
+    )
+    run.add_argument(
+        "--allow-core-dumps",
+        action="store_true",
+        help="leave core dumps on (they hold the secrets); by default the service sets its core "
+        "size limit to 0 and makes itself non-dumpable",
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
@@ -100,6 +107,8 @@ def _run(args: argparse.Namespace) -> int:
         # Every line of a worker says which one it is (its admin port is the base + index).
         structlog.contextvars.bind_contextvars(worker_index=args.worker_index)
     log = structlog.get_logger("milterbridge")
+    # Before the configuration is read: from there on the process holds its secrets.
+    apply_core_dump_policy(allow=args.allow_core_dumps)
     if args.workers < 1:
         print(f"milterbridge: --workers {args.workers}: must be at least 1", file=sys.stderr)
         return EXIT_CONFIG
@@ -249,6 +258,8 @@ def _worker_command(
     if args.admin_listen is not None:
         command += ["--admin-listen", args.admin_listen]
     command += ["--log-level", args.log_level, "--log-format", args.log_format]
+    if args.allow_core_dumps:
+        command.append("--allow-core-dumps")
     command += ["--worker-index", str(index), "--worker-ready-fd", str(ready_fd)]
     command += ["--supervisor-pid", str(os.getpid())]
     command += ["--worker-listeners", msgspec.json.encode(plan).decode()]

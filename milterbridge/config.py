@@ -17,11 +17,14 @@ from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
 
 import msgspec
+import structlog
 
 from .durations import Duration, Size, dec_hook
 from .expr import CompiledRules, RuleError, compile_rules
 from .listeners import ListenerSpecError, parse_listener
 from .milter.constants import ALL_ACTIONS, ALL_PROTOCOL, Protocol
+
+log = structlog.get_logger("milterbridge.config")
 
 DEFAULT_LISTEN = "inet:127.0.0.1:8899"
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:8900"
@@ -563,9 +566,40 @@ def parse_config(data: bytes | str, path: Path) -> Config:
 
 
 def load_config(path: Path) -> Config:
-    """Read and validate a config file. Raises ConfigError for every problem, I/O included."""
+    """Read and validate a config file. Raises ConfigError for every problem, I/O included.
+
+    Logs one ``insecure_tls`` warning per filter whose TLS certificate is not verified, so that
+    every start, reload and ``check-config`` says so.
+    """
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    return parse_config(data, path)
+    config = parse_config(data, path)
+    for kind, name in insecure_tls(config):
+        log.warning(
+            "insecure_tls",
+            filter=name,
+            kind=kind,
+            config=str(path),
+            reason="allowInvalidCerts: any certificate is accepted, so the connection can be "
+            "intercepted",
+        )
+    return config
+
+
+def insecure_tls(config: Config) -> list[tuple[Literal["milter", "hook"], str]]:
+    """(kind, name) of each filter that speaks TLS without verifying the certificate: a milter
+    with ``useTls`` and ``allowInvalidCerts``, a hook with an https URL and
+    ``allowInvalidCerts`` (without TLS the key has no effect)."""
+    found: list[tuple[Literal["milter", "hook"], str]] = [
+        ("milter", milter.name)
+        for milter in config.milter
+        if milter.use_tls and milter.allow_invalid_certs
+    ]
+    found += [
+        ("hook", hook.name)
+        for hook in config.hook
+        if hook.allow_invalid_certs and urlsplit(hook.url).scheme == "https"
+    ]
+    return found

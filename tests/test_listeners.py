@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from milterbridge.app import serve
 from milterbridge.config import AdminConfig, Config, ServerConfig
 from milterbridge.listeners import InetSpec, ListenerSpecError, UnixSpec, parse_listener
 from milterbridge.milter import ALL_ACTIONS, ALL_PROTOCOL, OptNeg, OptNegReply
+from milterbridge.workers import reserve_listeners
 from tests.integration.mta_driver import exchange, open_mta
 
 
@@ -80,3 +84,36 @@ async def test_a_regular_file_at_the_socket_path_is_not_replaced(tmp_path: Path)
     )
     with pytest.raises(ListenerSpecError, match="not a socket"):
         await serve(config)
+
+
+@pytest.fixture(params=[0o000, 0o077], ids=["umask-000", "umask-077"])
+def umask(request: pytest.FixtureRequest) -> Iterator[int]:
+    """The socket's mode must not depend on the umask the service was started with."""
+    old = os.umask(request.param)
+    try:
+        yield request.param
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.usefixtures("umask")
+@pytest.mark.parametrize("mode", ["0600", "0660", "0666", "600"])
+async def test_a_unix_socket_gets_the_configured_mode(tmp_path: Path, mode: str) -> None:
+    """socketMode is the socket file's mode exactly, whatever the umask, for the service's own
+    listener and for the one a --workers supervisor reserves for its workers."""
+    path = tmp_path / "m.sock"
+    config = Config(
+        server=ServerConfig(listen=[f"unix:{path}"], socket_mode=mode), admin=AdminConfig(listen="")
+    )
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, config)
+            assert stat.S_IMODE(path.stat().st_mode) == int(mode, 8)
+            assert stat.S_ISSOCK(path.stat().st_mode)
+            nursery.cancel_scope.cancel()
+        path.unlink()
+        reservation = await reserve_listeners([f"unix:{path}"], int(mode, 8))
+        try:
+            assert stat.S_IMODE(path.stat().st_mode) == int(mode, 8)
+        finally:
+            reservation.close()

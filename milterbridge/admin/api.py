@@ -9,9 +9,13 @@ examples. There are no accounts: ``accountId`` is optional, any value is accepte
 
 What goes wrong is answered at the level RFC 8620 puts it:
 
-- the HTTP request itself (no or a wrong token: 401; not POST: 405) by HTTP;
-- the request object (not JSON, not a Request, an unknown capability, too many calls) by a 400
-  problem document whose ``type`` is ``urn:ietf:params:jmap:error:<type>``;
+- the HTTP request itself (no or a wrong token: 401; too many of those from one address: 429;
+  not POST: 405) by HTTP;
+- the request object (not JSON, nested too deeply, not a Request, an unknown capability, too
+  many calls) by a 400 problem document whose ``type`` is ``urn:ietf:params:jmap:error:<type>``;
+  a body over the HTTP layer's size limit by the same document with type ``limit`` (``"limit":
+  "maxSizeRequest"``) and status 413, the status HTTP has for exactly this, which also tells the
+  client why the connection closes after it (RFC 8620 fixes no status for ``limit``);
 - one method call (unknown method, bad arguments, a permission the token lacks) by an
   ``["error", {"type": ...}, callId]`` answer to that call, the others going on;
 - one create, update or destroy of a ``/set`` by a SetError in ``notCreated``, ``notUpdated`` or
@@ -29,14 +33,23 @@ shown.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Final, TypeVar
 
 import msgspec
 import structlog
+import trio
 
 from ..config import AdminToken, Filter
-from .auth import Authenticator, ObjectType, Principal, SetOperation, may_set_something
+from .auth import (
+    Authenticator,
+    AuthFailures,
+    ObjectType,
+    Principal,
+    SetOperation,
+    may_set_something,
+)
 from .auth import method_permissions as _method_permissions
 from .http import Request, Response
 from .store import (
@@ -57,6 +70,13 @@ MANAGEMENT_CAPABILITY: Final = "urn:stalwart:jmap"
 CAPABILITIES: Final = frozenset({CORE_CAPABILITY, MANAGEMENT_CAPABILITY})
 #: Method calls in one request (RFC 8620's maxCallsInRequest); more is a ``limit`` error.
 MAX_CALLS_IN_REQUEST: Final = 64
+#: Deepest nesting of arrays and objects in a request (the request object is level 1, a
+#: method's arguments level 4). A filter object needs about 8 levels, and a query filter 2 per
+#: nested operator; deeper is refused as ``notJSON`` before anything walks it, so that no
+#: recursion in the API (nor msgspec's, which gives up near 1,000 levels) can fail on it.
+MAX_JSON_DEPTH: Final = 64
+#: The name RFC 8620 gives the request-size limit, in the ``limit`` problem document.
+SIZE_LIMIT_NAME: Final = "maxSizeRequest"
 #: There is no Session resource whose state could change; the value is fixed.
 SESSION_STATE: Final = "0"
 _ERROR_PREFIX: Final = "urn:ietf:params:jmap:error:"
@@ -233,23 +253,13 @@ class AdminApi:
     def __init__(self, store: FilterStore, tokens: Sequence[AdminToken]) -> None:
         self.store = store
         self.authenticator = Authenticator(tokens)
+        self.failures = AuthFailures(trio.current_time)
 
     async def __call__(self, request: Request) -> Response:
         """Answer one HTTP request to ``/api``."""
-        principal = self.authenticator.authenticate(request.headers.get("authorization"))
-        if principal is None:
-            presented = "authorization" in request.headers
-            log.warning(
-                "admin_api_unauthorized",
-                reason="unknown token" if presented else "no bearer token",
-            )
-            challenge = 'Bearer realm="milterbridge"'
-            if presented:
-                challenge += ', error="invalid_token"'
-            return _problem_response(
-                Problem("about:blank", 401, "a valid bearer token is needed"),
-                [("WWW-Authenticate", challenge)],
-            )
+        principal = self.authorize(request)
+        if isinstance(principal, Response):
+            return principal
         if request.method != "POST":
             return _problem_response(
                 Problem("about:blank", 405, "POST a JMAP request to /api"), [("Allow", "POST")]
@@ -258,9 +268,70 @@ class AdminApi:
             jmap = _parse_request(request)
             response = await self.execute(principal, jmap)
         except RequestError as exc:
-            log.info("admin_api_request_refused", token=principal.name, type=exc.type)
-            return _problem_response(Problem(_ERROR_PREFIX + exc.type, 400, exc.detail, exc.limit))
+            return self._request_error(principal, exc, 400)
         return Response(200, _json.encode(response), "application/json")
+
+    def refuse(self, request: Request, status: int, detail: str) -> Response:
+        """The answer to a request the HTTP layer refuses before reading it whole (413: its
+        body is too large; 408: it came too slowly). The caller is authenticated first, so that
+        without a valid token nothing is learnt but 401 (or 429)."""
+        principal = self.authorize(request)
+        if isinstance(principal, Response):
+            return principal
+        if status == 413:
+            return self._request_error(
+                principal, RequestError("limit", detail, limit=SIZE_LIMIT_NAME), 413
+            )
+        return _problem_response(Problem("about:blank", status, detail))
+
+    def authorize(self, request: Request) -> Principal | Response:
+        """The caller of ``request``, or the answer refusing it: 429 while its address is over
+        the limit of failed authentications (the token not even looked at), 401 for no token or
+        an unknown one. Each refusal counts for the address; see :class:`AuthFailures`."""
+        client = request.client
+        wait = self.failures.retry_after(client)
+        if wait is not None:
+            self._auth_failed(client, "too many failed authentications", failed=False)
+            seconds = math.ceil(wait)
+            return _problem_response(
+                Problem(
+                    "about:blank",
+                    429,
+                    f"too many failed authentications from this address; retry in {seconds}s",
+                ),
+                [("Retry-After", str(seconds))],
+            )
+        principal = self.authenticator.authenticate(request.headers.get("authorization"))
+        if principal is not None:
+            return principal
+        presented = "authorization" in request.headers
+        self._auth_failed(client, "unknown token" if presented else "no bearer token", failed=True)
+        challenge = 'Bearer realm="milterbridge"'
+        if presented:
+            challenge += ', error="invalid_token"'
+        return _problem_response(
+            Problem("about:blank", 401, "a valid bearer token is needed"),
+            [("WWW-Authenticate", challenge)],
+        )
+
+    def _auth_failed(self, client: str, reason: str, *, failed: bool) -> None:
+        """Count the refusal; log it unless the address had a line within the last second
+        (``count``: the refusals the line stands for; never the presented value)."""
+        count = self.failures.refused(client, failed=failed)
+        if count is not None:
+            log.warning(
+                "admin_auth_failed",
+                client=client,
+                reason=reason,
+                count=count,
+                limited=self.failures.retry_after(client) is not None,
+            )
+
+    def _request_error(self, principal: Principal, exc: RequestError, status: int) -> Response:
+        log.info(
+            "admin_api_request_refused", token=principal.name, type=exc.type, detail=exc.detail
+        )
+        return _problem_response(Problem(_ERROR_PREFIX + exc.type, status, exc.detail, exc.limit))
 
     async def execute(self, principal: Principal, request: JmapRequest) -> JmapResponse:
         """Run the method calls of one request, in order.
@@ -295,12 +366,41 @@ def _parse_request(request: Request) -> JmapRequest:
     content_type = request.headers.get("content-type", "")
     if content_type.partition(";")[0].strip().lower() != "application/json":
         raise RequestError("notJSON", "the request's Content-Type must be application/json")
+    too_deep = RequestError(
+        "notJSON", f"the body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep"
+    )
     try:
-        return msgspec.json.decode(request.body, type=JmapRequest)
+        jmap = msgspec.json.decode(request.body, type=JmapRequest)
     except msgspec.ValidationError as exc:
         raise RequestError("notRequest", f"not a JMAP Request object: {exc}") from None
     except msgspec.DecodeError as exc:
         raise RequestError("notJSON", f"the body is not JSON: {exc}") from None
+    except RecursionError:  # msgspec's own limit, far above ours
+        raise too_deep from None
+    # The request, methodCalls and a call are the three levels above a call's arguments.
+    if any(_nests_deeper(arguments, MAX_JSON_DEPTH - 3) for _, arguments, _ in jmap.method_calls):
+        raise too_deep
+    return jmap
+
+
+def _nests_deeper(value: Any, levels: int) -> bool:
+    """Whether ``value`` nests lists and dicts more than ``levels`` deep (itself is one level).
+
+    A loop, not recursion: it runs on what may be too deep for recursion.
+    """
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > levels:
+            return True
+        pending.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _problem_response(problem: Problem, headers: list[tuple[str, str]] | None = None) -> Response:
@@ -774,7 +874,9 @@ __all__ = [
     "CORE_CAPABILITY",
     "MANAGEMENT_CAPABILITY",
     "MAX_CALLS_IN_REQUEST",
+    "MAX_JSON_DEPTH",
     "OBJECT_TYPES",
+    "SIZE_LIMIT_NAME",
     "AdminApi",
     "JmapRequest",
     "JmapResponse",

@@ -9,15 +9,23 @@ first wrong byte nor which entry matched shows in the time an answer takes.
 A permission names a type and an operation (``sysMtaMilterGet``). A ``/get`` or ``/query`` needs
 its one permission; a ``/set`` needs one for each kind of operation it carries, so that a token
 allowed to create cannot destroy by slipping a ``destroy`` into the same call.
+
+Guessing is slowed per client address (:class:`AuthFailures`): after :data:`MAX_AUTH_FAILURES`
+failed authentications within :data:`AUTH_FAILURE_WINDOW` seconds, the address is answered 429
+without its token being looked at until the oldest of those failures is a window old. It is per
+address, so it slows one guesser rather than many (the listener is meant for loopback, where
+there is one address): what it buys is that a weak token (a word someone chose) is not found in
+an afternoon by a local process, and that a guesser costs at most one log line a second.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal, cast
+from collections import deque
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal, cast
 
 from ..config import AdminToken, Permission
 
@@ -77,6 +85,80 @@ class Authenticator:
         return found
 
 
+#: Failed authentications from one address, within :data:`AUTH_FAILURE_WINDOW` seconds, after
+#: which the address is answered 429.
+MAX_AUTH_FAILURES: Final = 10
+AUTH_FAILURE_WINDOW: Final = 60.0
+#: At most one ``admin_auth_failed`` line per address per this many seconds.
+AUTH_LOG_INTERVAL: Final = 1.0
+#: Addresses remembered at once. Beyond it the one that failed longest ago is forgotten: a
+#: flood from many addresses costs bounded memory (and can only make the limit forget).
+MAX_TRACKED_CLIENTS: Final = 4096
+
+
+@dataclass(slots=True)
+class _Client:
+    #: When its last (up to MAX_AUTH_FAILURES) failures happened, oldest first.
+    failures: deque[float] = field(default_factory=lambda: deque(maxlen=MAX_AUTH_FAILURES))
+    #: When its last log line was written.
+    logged_at: float | None = None
+    #: Refused attempts since that line.
+    unlogged: int = 0
+
+
+class AuthFailures:
+    """Refused authentications per client address: when to answer 429, when to log a line.
+
+    Args:
+        clock: seconds from any origin that never goes back (``trio.current_time`` in the
+            service, so that tests drive it with trio's clocks).
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._clients: dict[str, _Client] = {}
+
+    def retry_after(self, client: str) -> float | None:
+        """Seconds until ``client`` may present a token again; None when it may now."""
+        entry = self._clients.get(client)
+        if entry is None or len(entry.failures) < MAX_AUTH_FAILURES:
+            return None
+        wait = entry.failures[0] + AUTH_FAILURE_WINDOW - self._clock()
+        return wait if wait > 0 else None
+
+    def refused(self, client: str, *, failed: bool) -> int | None:
+        """Count a refused attempt from ``client``: ``failed`` when its token was checked and
+        wrong (it counts towards the limit), not when it was answered 429 unchecked.
+
+        Returns:
+            How many refused attempts a log line written now stands for (this one included),
+            or None when the address had a line less than :data:`AUTH_LOG_INTERVAL` ago.
+        """
+        now = self._clock()
+        entry = self._clients.pop(client, None) or self._new_entry(now)
+        self._clients[client] = entry  # last in the dict: the most recently refused
+        if failed:
+            entry.failures.append(now)
+        entry.unlogged += 1
+        if entry.logged_at is not None and now - entry.logged_at < AUTH_LOG_INTERVAL:
+            return None
+        count, entry.unlogged, entry.logged_at = entry.unlogged, 0, now
+        return count
+
+    def _new_entry(self, now: float) -> _Client:
+        if len(self._clients) >= MAX_TRACKED_CLIENTS:
+            stale = [
+                client
+                for client, entry in self._clients.items()
+                if not entry.failures or entry.failures[-1] <= now - AUTH_FAILURE_WINDOW
+            ]
+            for client in stale:
+                del self._clients[client]
+            if len(self._clients) >= MAX_TRACKED_CLIENTS:
+                del self._clients[next(iter(self._clients))]
+        return _Client()
+
+
 def bearer_token(authorization: str | None) -> str | None:
     """The token of an ``Authorization: Bearer <token>`` header (scheme in any case)."""
     if authorization is None:
@@ -117,6 +199,11 @@ def may_set_something(principal: Principal, object_type: ObjectType) -> bool:
 
 
 __all__ = [
+    "AUTH_FAILURE_WINDOW",
+    "AUTH_LOG_INTERVAL",
+    "MAX_AUTH_FAILURES",
+    "MAX_TRACKED_CLIENTS",
+    "AuthFailures",
     "Authenticator",
     "ObjectType",
     "Principal",

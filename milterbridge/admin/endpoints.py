@@ -18,7 +18,7 @@ from prometheus_client.exposition import choose_encoder
 from ..config import AdminToken, parse_host_port
 from .api import AdminApi
 from .health import Readiness
-from .http import Request, Response, serve_http, text_response
+from .http import Request, Response, plain_refusal, serve_http, text_response
 from .store import FilterStore
 
 _json = msgspec.json.Encoder()
@@ -61,6 +61,13 @@ class AdminApp:
             return text_response(405, "method not allowed", Allow="GET, HEAD")
         return route(request)
 
+    def refuse(self, request: Request, status: int, detail: str) -> Response:
+        """Words the HTTP layer's refusal of a request (too large, too slow): ``/api`` as the
+        API answers (a problem document, after authentication), the rest as plain text."""
+        if request.path == "/api" and self.api is not None:
+            return self.api.refuse(request, status, detail)
+        return plain_refusal(request, status, detail)
+
     def _metrics(self, request: Request) -> Response:
         # Prometheus asks for OpenMetrics in its Accept header and gets it; everyone else
         # (curl, older scrapers) gets the classic text format.
@@ -100,7 +107,7 @@ async def serve_admin(
     """
     host, port = parse_host_port(listen)
     app = AdminApp(registry, readiness, store=store, tokens=tokens)
-    await serve_http(host, port, app, task_status=task_status)
+    await serve_http(host, port, app, refuse=app.refuse, task_status=task_status)
 
 
 __all__ = ["AdminApp", "serve_admin"]

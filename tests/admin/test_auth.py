@@ -14,7 +14,15 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from milterbridge.admin import Readiness, serve_admin
-from milterbridge.admin.auth import Authenticator, bearer_token, method_permissions
+from milterbridge.admin.auth import (
+    AUTH_FAILURE_WINDOW,
+    MAX_AUTH_FAILURES,
+    MAX_TRACKED_CLIENTS,
+    Authenticator,
+    AuthFailures,
+    bearer_token,
+    method_permissions,
+)
 from milterbridge.admin.store import FilterStore
 from milterbridge.config import AdminToken, Config, ConfigError, SecretValue, parse_config
 
@@ -225,10 +233,12 @@ async def test_no_or_a_wrong_token_is_401(
         assert challenge.startswith('Bearer realm="milterbridge"')
         assert (error in challenge) if error else ("error=" not in challenge)
         assert response.headers["content-type"] == "application/problem+json"
-        assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == [
-            "admin_api_unauthorized"
-        ]
+        (line,) = [entry for entry in logs if entry["log_level"] == "warning"]
+        assert line["event"] == "admin_auth_failed"
+        assert line["reason"] == ("unknown token" if headers else "no bearer token")
+        assert (line["client"], line["count"], line["limited"]) == ("127.0.0.1", 1, False)
         assert "wrong" not in repr(logs)
+        assert "b3BzOnNlY3JldA" not in repr(logs)
 
 
 @over_http
@@ -279,3 +289,116 @@ async def test_a_missing_permission_is_a_forbidden_method_error(
         assert missing in body["description"]
         assert "reader" in body["description"]
     assert answers["empty-set"][1]["type"] == "forbidden"
+
+
+# --- repeated failures ----------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_limit_is_per_address_and_slides_with_the_window() -> None:
+    """MAX_AUTH_FAILURES within the window: limited until the oldest of them is a window old;
+    another address is not affected; unchecked (429) attempts do not extend the block."""
+    clock = FakeClock()
+    failures = AuthFailures(clock)
+    for _ in range(MAX_AUTH_FAILURES - 1):
+        failures.refused("10.0.0.1", failed=True)
+        clock.now += 1
+    assert failures.retry_after("10.0.0.1") is None
+    failures.refused("10.0.0.1", failed=True)  # the 10th, 9 s after the first
+    assert failures.retry_after("10.0.0.1") == AUTH_FAILURE_WINDOW - (MAX_AUTH_FAILURES - 1)
+    assert failures.retry_after("10.0.0.2") is None
+    for _ in range(100):
+        failures.refused("10.0.0.1", failed=False)
+    clock.now += AUTH_FAILURE_WINDOW - (MAX_AUTH_FAILURES - 1)
+    assert failures.retry_after("10.0.0.1") is None  # the first failure left the window
+    failures.refused("10.0.0.1", failed=True)  # ... and one more fills it again
+    assert failures.retry_after("10.0.0.1") == 1.0
+
+
+def test_lines_are_due_at_most_once_a_second_per_address_with_a_count() -> None:
+    clock = FakeClock()
+    failures = AuthFailures(clock)
+    assert failures.refused("a", failed=True) == 1
+    assert failures.refused("b", failed=True) == 1  # another address has its own line
+    assert [failures.refused("a", failed=True) for _ in range(5)] == [None] * 5
+    clock.now += 0.999
+    assert failures.refused("a", failed=False) is None
+    clock.now += 0.001
+    assert failures.refused("a", failed=True) == 7  # the six unlogged and this one
+    assert failures.refused("a", failed=True) is None
+
+
+def test_the_table_of_addresses_is_bounded() -> None:
+    """A flood from many addresses costs at most MAX_TRACKED_CLIENTS entries: the stale go
+    first, then the least recently refused."""
+    clock = FakeClock()
+    failures = AuthFailures(clock)
+    for _ in range(MAX_AUTH_FAILURES):
+        failures.refused("first", failed=True)
+    for index in range(MAX_TRACKED_CLIENTS - 1):
+        failures.refused(f"10.{index}", failed=True)
+    assert failures.retry_after("first") is not None
+    failures.refused("one too many", failed=True)  # nothing is stale: the oldest goes
+    assert failures.retry_after("first") is None
+    assert len(failures._clients) == MAX_TRACKED_CLIENTS
+    clock.now += AUTH_FAILURE_WINDOW
+    failures.refused("after a window", failed=True)  # every entry is stale now
+    assert len(failures._clients) == 1
+
+
+@pytest.fixture
+async def limited_api(
+    nursery: trio.Nursery, tmp_path: Path
+) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+    """A client that opens a connection per request: the clock jumps past the keep-alive."""
+    async with await start(nursery, tmp_path, [token("ops", "right", "sysMtaMilterGet")]) as first:
+        url = str(first.base_url)
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(verify=TLS, base_url=url, limits=fresh) as client:
+        yield client, url
+
+
+@over_http
+async def test_repeated_failures_from_an_address_are_answered_429(
+    limited_api: tuple[httpx.AsyncClient, str], mock_clock: trio.testing.MockClock
+) -> None:
+    """After MAX_AUTH_FAILURES wrong tokens in a minute, even the right token gets 429 with
+    Retry-After, until the first failure is a minute old; another address is served all along.
+    One warning line a second per address, with the count of refusals it stands for."""
+    client, url = limited_api
+    request = calls(["x:MtaMilter/get", {"ids": []}, "c"])
+    wrong, right = {"Authorization": "Bearer wrong"}, {"Authorization": "Bearer right"}
+    with capture_logs() as logs:
+        for _ in range(MAX_AUTH_FAILURES):
+            assert (await client.post("/api", json=request, headers=wrong)).status_code == 401
+        limited = await client.post("/api", json=request, headers=right)
+        assert limited.status_code == 429
+        assert limited.headers["retry-after"] == str(int(AUTH_FAILURE_WINDOW))
+        assert limited.headers["content-type"] == "application/problem+json"
+        assert limited.json()["status"] == 429
+        elsewhere = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+        async with httpx.AsyncClient(verify=TLS, base_url=url, transport=elsewhere) as other:
+            assert (await other.post("/api", json=request, headers=right)).status_code == 200
+        mock_clock.jump(1.0)
+        assert (await client.post("/api", json=request, headers=wrong)).status_code == 429
+        mock_clock.jump(AUTH_FAILURE_WINDOW - 1.5)
+        almost = await client.post("/api", json=request, headers=right)
+        assert (almost.status_code, almost.headers["retry-after"]) == (429, "1")
+        mock_clock.jump(0.5)
+        assert (await client.post("/api", json=request, headers=right)).status_code == 200
+    lines = [entry for entry in logs if entry["event"] == "admin_auth_failed"]
+    assert [(line["count"], line["limited"], line["client"]) for line in lines] == [
+        (1, False, "127.0.0.1"),  # the first failure; the next nine and the first 429 are counted
+        (11, True, "127.0.0.1"),  # a second later: the ten unlogged and this 429
+        (1, True, "127.0.0.1"),  # the 429 just before the minute is up
+    ]
+    assert lines[1]["reason"] == "too many failed authentications"
+    assert "wrong" not in repr(logs)
+    assert "right" not in repr(logs)

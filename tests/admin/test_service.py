@@ -200,7 +200,9 @@ async def test_admin_port_taken_fails_serve_and_frees_the_milter_port() -> None:
 
 def test_cli_refuses_a_bad_admin_listen(capsys: pytest.CaptureFixture[str]) -> None:
     """--admin-listen is checked like [admin] listen, before anything starts."""
-    assert main(["run", "--admin-listen", "8900"]) == 2
+    # In-process runs keep core dumps on: turning them off would turn them off for pytest (and,
+    # through the hard limit, for every process it starts from then on).
+    assert main(["run", "--admin-listen", "8900", "--allow-core-dumps"]) == 2
     assert "--admin-listen '8900': expected HOST:PORT" in capsys.readouterr().err
 
 
@@ -211,6 +213,7 @@ def test_cli_reports_a_taken_port_in_one_line(capsys: pytest.CaptureFixture[str]
         taken.listen()
         admin = f"127.0.0.1:{taken.getsockname()[1]}"
         argv = ["run", "--listen", "inet:127.0.0.1:0", "--admin-listen", admin]
+        argv.append("--allow-core-dumps")  # in-process: see test_cli_refuses_a_bad_admin_listen
         assert main([*argv, "--log-format", "json"]) == 1
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     (line,) = [line for line in lines if line["event"] == "cannot_listen"]
