@@ -420,9 +420,21 @@ class HttpAuthBearer(Base, frozen=True, tag_field="@type", tag="Bearer"):
 
     def __post_init__(self) -> None:
         _check_secret("bearerToken", self.bearer_token)
+        if not _HEADER_VALUE.fullmatch(self.bearer_token.reveal()):
+            # Caught here, not by h11 at the first call: its error text quotes the header,
+            # secret included, and would reach the log.
+            raise _KeyProblem(
+                "bearerToken",
+                "holds a control character or white space at an end, "
+                "which an HTTP header cannot carry",
+            )
 
 
 HttpAuth = HttpAuthUnauthenticated | HttpAuthBasic | HttpAuthBearer
+
+
+#: A token an HTTP header field can carry (RFC 9110 §5.5: no controls, no outer white space).
+_HEADER_VALUE = re.compile(r"[\x21-\x7e\x80-\U0010ffff]+(?:[ \t]+[\x21-\x7e\x80-\U0010ffff]+)*")
 
 
 def _check_secret(key: str, secret: Secret) -> None:

@@ -519,3 +519,32 @@ def test_configuration_reference_covers_every_key(tmp_path: Path) -> None:
     (rules,) = [block for block in blocks if block.startswith("enable")]
     path.write_text(f'[[milter]]\nname = "x"\nhostname = "h"\n{rules}')
     assert load_config(path).milter[0].enable.evaluate({"sender_domain": "vip.example"})
+
+
+def _toml_escaped(text: str) -> str:
+    return "".join(c if c.isprintable() and c != '"' else f"\\u{ord(c):04x}" for c in text)
+
+
+@pytest.mark.parametrize("token", ["tok en ", " token", "tok\nen", "tok\x00en", "tok\x7fen"])
+def test_a_bearer_token_no_header_can_carry_is_a_config_error_that_does_not_show_it(
+    token: str,
+) -> None:
+    """Caught at load: at the first call h11 would refuse it with the header, token included,
+    in its error text."""
+    text = (
+        '[[hook]]\nname = "h"\nurl = "http://127.0.0.1:1/"\n'
+        f'httpAuth = {{ "@type" = "Bearer", bearerToken = '
+        f'{{ "@type" = "Value", secret = "{_toml_escaped(token)}" }} }}\n'
+    )
+    error = _error(text)
+    assert error.startswith("hook[0].httpAuth.bearerToken: holds a control character")
+    assert "tok" not in error
+
+
+def test_a_bearer_token_with_inner_spaces_and_utf8_loads() -> None:
+    text = (
+        '[[hook]]\nname = "h"\nurl = "http://127.0.0.1:1/"\n'
+        'httpAuth = { "@type" = "Bearer", '
+        'bearerToken = { "@type" = "Value", secret = "a b\\tç" } }\n'
+    )
+    assert parse_config(text, FILE).hook[0].http_auth is not None
