@@ -52,7 +52,10 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto") -> None:
         ]
         factory: Any = structlog.BytesLoggerFactory(sys.stderr.buffer)
     else:
-        processors = [*shared, structlog.dev.ConsoleRenderer()]
+        # Plain tracebacks: with rich or better-exceptions installed, structlog's default would
+        # print every frame's local variables -- secrets included.
+        console = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        processors = [*shared, console]
         factory = structlog.PrintLoggerFactory(sys.stderr)
     structlog.configure(
         processors=processors,
