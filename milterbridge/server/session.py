@@ -253,10 +253,14 @@ class MtaSession:
                 if self._work.cancelled_caught:
                     await self._answer_abandoned()
             except ProtocolError as exc:
-                self.stats.outcome, self.stats.error = "protocol_error", str(exc)
-                self.metrics.protocol_error("mta")
-                if exc.kind is ErrorKind.OVERSIZE:
-                    self._limit_hit("max_mta_packet")
+                if exc.kind is ErrorKind.TRUNCATED:
+                    # Closed in the middle of a packet: the MTA went away, it broke nothing.
+                    self.stats.outcome, self.stats.error = "connection_lost", str(exc)
+                else:
+                    self.stats.outcome, self.stats.error = "protocol_error", str(exc)
+                    self.metrics.protocol_error("mta")
+                    if exc.kind is ErrorKind.OVERSIZE:
+                        self._limit_hit("max_mta_packet")
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self.stats.outcome, self.stats.error = "connection_lost", str(exc) or None
             except CloseMta as exc:
@@ -913,8 +917,9 @@ class MtaSession:
         )
         script = PassScript()
         result = _ALL_CONTINUE
+        mta_gone: list[trio.BrokenResourceError | trio.ClosedResourceError] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._keep_mta_waiting)
+            nursery.start_soon(self._keep_mta_waiting, nursery.cancel_scope, mta_gone)
             for number in sorted(passes) or [self.first_pass]:
                 outcomes = await self._run_pass(number, macro, view)
                 result = merge_stage(Stage.EOM, self._stage_replies(outcomes))
@@ -925,6 +930,8 @@ class MtaSession:
                 if script.quarantined:
                     break  # quarantine ends the message like a refusal: later passes wait
             nursery.cancel_scope.cancel()
+        if mta_gone:
+            raise mta_gone[0]  # outside the nursery: a plain stream error, as at any other step
         accepted = result.reply in (Continue(), Accept())
         packets = script.packets if accepted else []
         await self.milter.send(*packets, result.reply)
@@ -972,10 +979,21 @@ class MtaSession:
             view=None if first else view,
         )
 
-    async def _keep_mta_waiting(self) -> None:
-        while True:
-            await trio.sleep(PROGRESS_INTERVAL)
-            await self.milter.send(Progress())
+    async def _keep_mta_waiting(
+        self,
+        end_of_message: trio.CancelScope,
+        mta_gone: list[trio.BrokenResourceError | trio.ClosedResourceError],
+    ) -> None:
+        """PROGRESS every PROGRESS_INTERVAL while the filters think. An MTA that is gone ends
+        end-of-message at once; the caller re-raises its error outside the nursery, where the
+        session takes it as a lost connection (from the nursery it would be an ExceptionGroup)."""
+        try:
+            while True:
+                await trio.sleep(PROGRESS_INTERVAL)
+                await self.milter.send(Progress())
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            mta_gone.append(exc)
+            end_of_message.cancel()
 
     def _merged_edits(
         self, outcomes: dict[str, Outcome], view: MessageView, number: int
