@@ -15,7 +15,10 @@ unready bridge, so no session would ever find out that the milter came back.
 Limits (design §12): at most ``maxSessions`` MTA sessions run at once; a connection beyond them
 gets the refusal of server/refuse.py (TEMPFAIL at CONNECT, no upstream contacted). The count is
 checked when a connection's task starts, with no checkpoint between the check and the session's
-registration, so concurrent accepts cannot overshoot it.
+registration, so concurrent accepts cannot overshoot it. A connection that arrives when the
+process has no file descriptor left gets the same refusal: the accept loop (server/accept.py)
+holds one descriptor in reserve for exactly that, rather than leaving the MTA waiting in the
+listen backlog until its connect timeout.
 
 Stopping (design §2), :meth:`Service.stop`: the listeners close (a new connection is refused by
 the kernel, so the MTA applies its own default at once instead of waiting on a backlog nobody
@@ -38,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import resource
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
@@ -55,6 +59,7 @@ from .config import EMBEDDED_DEFAULT, Config, ConfigError, MilterFilter, load_co
 from .listeners import bound_address, open_listener, parse_listener
 from .metrics import Metrics
 from .milter import ALL_ACTIONS, ALL_PROTOCOL, OptNeg
+from .server.accept import AcceptLoop
 from .server.circuit import CircuitBreakers
 from .server.filters import OptionsCache, endpoint_of
 from .server.refuse import RefusalLog, refuse_session
@@ -317,6 +322,7 @@ class Service:
         self._milter_names = {m.name for m in config.milter}
         self.readiness = Readiness() if readiness is None else readiness
         self.metrics = Metrics(self.registry, [item.name for item in config.filters])
+        self.store.on_write_error.append(lambda _: self.metrics.state_write_failed())
         self.inherited = dict(inherited or {})
         self.client_counts = ClientCounts()
         #: The open sessions, each with the factory (configuration) it started with.
@@ -540,11 +546,10 @@ class Service:
         sessions: trio.Nursery,
         task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        loop = AcceptLoop(self._handle, self._refuse_exhausted, sessions)
         try:
             with self._accept_scope:
-                await trio.serve_listeners(
-                    self._handle, listeners, handler_nursery=sessions, task_status=task_status
-                )
+                await loop.serve(listeners, task_status=task_status)
         finally:
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
@@ -572,6 +577,19 @@ class Service:
             ended.set()
             if self._retired:
                 self._prune_filters()
+
+    async def _refuse_exhausted(self, stream: trio.SocketStream, error: OSError) -> None:
+        """A connection accepted with the reserve descriptor (server/accept.py): the refusal.
+
+        The MTA hears TEMPFAIL at CONNECT at once, instead of waiting in the backlog until its
+        connect timeout and then applying ``milter_default_action``.
+        """
+        self.metrics.limit_hit("file_descriptors")
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self._refusals.refused(
+            "fd_exhausted", error=error.strerror, limit=soft, sessions=len(self._sessions)
+        )
+        await refuse_session(stream)
 
     async def _drain(self, sessions: trio.Nursery) -> None:
         self._accept_scope.cancel()

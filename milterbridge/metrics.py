@@ -1,8 +1,10 @@
 """Every Prometheus instrument of the service, built on an injected registry (design §11, §12).
 
-The metric set is design §11's, names and labels as written there, plus two that later issues
-fill in: ``milterbridge_filter_circuit_open{filter}`` (the circuit breaker of design §7) and
-``milterbridge_limit_hits_total{limit}`` (design §12: every limit, when hit, has a metric).
+The metric set is design §11's, names and labels as written there, plus three that later issues
+fill in: ``milterbridge_filter_circuit_open{filter}`` (the circuit breaker of design §7),
+``milterbridge_limit_hits_total{limit}`` (design §12: every limit, when hit, has a metric) and
+``milterbridge_state_write_errors_total`` (the admin API's state file could not be written: a
+change was refused, and the operator must free or fix its disk).
 
 Labels are bounded sets, never an address, a sender, a recipient or a queue id: ``filter`` is a
 configured filter name (each filter is registered, and an unregistered one is refused), and every
@@ -124,6 +126,10 @@ LIMITS: Final = (
     "spool_memory",
     "drain_deadline",
     "idle_timeout",
+    # Not settings of ours, but limits all the same: the process's RLIMIT_NOFILE (a connection
+    # refused at accept) and the room in ``spoolDirectory`` (a message tempfailed).
+    "file_descriptors",
+    "spool_directory",
 )
 
 #: 1 ms to 60 s: filter latencies, under their default budgets (30 s command, 60 s data).
@@ -268,6 +274,11 @@ class Metrics:
             ["limit"],
             registry=registry,
         )
+        self._state_write_errors = Counter(
+            "milterbridge_state_write_errors",
+            "Admin API changes refused because the state file could not be written.",
+            registry=registry,
+        )
         for verdict in VERDICTS:
             self._messages.labels(verdict)
         for stage in STAGES:
@@ -368,6 +379,11 @@ class Metrics:
     def limit_hit(self, limit: str) -> None:
         """A limit of design §12 refused or cut something."""
         self._limits.labels(_check("limit", limit, LIMITS)).inc()
+
+    def state_write_failed(self) -> None:
+        """The state file could not be written (disk full, read-only, changed by another
+        process): the admin API change was refused."""
+        self._state_write_errors.inc()
 
     # --- the filters -----------------------------------------------------------------------
 

@@ -140,6 +140,22 @@ def test_merge_conflict_protocol_error_limit_hit(
     assert value(registry, "milterbridge_limit_hits_total", limit="max_sessions") == 1
 
 
+def test_resource_limits_and_state_write_errors(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    """Running out of descriptors or spool room counts as a limit; a refused state file write
+    has a counter of its own (it is no limit of mail, and needs an operator)."""
+    metrics.limit_hit("file_descriptors")
+    metrics.limit_hit("spool_directory")
+    metrics.state_write_failed()
+    metrics.state_write_failed()
+    hits = "milterbridge_limit_hits_total"
+    assert value(registry, hits, limit="file_descriptors") == 1
+    assert value(registry, hits, limit="spool_directory") == 1
+    assert value(registry, hits, limit="spool_memory") == 0
+    assert value(registry, "milterbridge_state_write_errors_total") == 2
+
+
 def test_every_known_series_starts_at_zero(metrics: Metrics, registry: CollectorRegistry) -> None:
     """Every label combination of a configured filter exists before anything happens."""
     samples = {
@@ -168,6 +184,7 @@ def test_every_known_series_starts_at_zero(metrics: Metrics, registry: Collector
     assert all(zero("milterbridge_merge_conflicts_total", kind=k) for k in CONFLICT_KINDS)
     assert all(zero("milterbridge_protocol_errors_total", peer=p) for p in PEERS)
     assert all(zero("milterbridge_limit_hits_total", limit=limit) for limit in LIMITS)
+    assert zero("milterbridge_state_write_errors_total")
 
 
 @pytest.mark.parametrize(

@@ -22,9 +22,12 @@ reused for another filter, so a client holding an old id cannot hit a newer obje
 [...]}``, each ``filter`` exactly as a ``[[milter]]``/``[[hook]]`` table would be written. It is
 replaced atomically: written to a temporary file in the same directory, fsynced, renamed over
 the old one, and the directory fsynced, so that a crash leaves either the old or the new
-document. The file holds secrets written as ``Value``, so it is created with mode 0600. The
-write is synchronous -- it blocks the event loop for a write of a few KiB and two fsyncs -- which
-is acceptable for a rare administrative change and keeps the write out of threads. A missing
+document. A write that fails -- the disk is full, or read-only -- removes its temporary file and
+changes nothing: the old file and the filters in memory stay, and the caller gets a
+:class:`StoreWriteError` (the API answers ``serverFail``). The file holds secrets written as
+``Value``, so it is created with mode 0600. The write is synchronous -- it blocks the event
+loop for a write of a few KiB and two fsyncs -- which is acceptable for a rare administrative
+change and keeps the write out of threads. A missing
 file is an empty one; a corrupt or invalid one stops the start with an error naming the file,
 like a broken config file, because silently dropping filters would silently change mail flow.
 
@@ -215,6 +218,9 @@ class FilterStore:
         self.state_file = state_file
         #: Called, in order, after each committed change (the state file already written).
         self.on_change: list[Callable[[], None]] = []
+        #: Called, in order, with each :class:`StoreWriteError` before it is raised (the
+        #: service counts them: the API answers the call, but the disk needs an operator).
+        self.on_write_error: list[Callable[[StoreWriteError], None]] = []
         #: Held by whoever reads, decides and commits a change, so that two /api calls never
         #: decide on the same old state.
         self.lock = trio.Lock()
@@ -307,17 +313,12 @@ class FilterStore:
         api = dict(self._api)
         api[draft.kind] = list(draft.records)
         if self.state_file is not None:
-            path = self.state_file
             try:
-                if _stamp(path) != self._stamp:
-                    raise StoreWriteError(
-                        f"{path} was changed by another process since it was loaded; reload "
-                        "the service (SIGHUP) to read it, then retry"
-                    )
-                _write_atomically(path, _encode_state(api))
-                self._stamp = _stamp(path)
-            except OSError as exc:
-                raise StoreWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+                self._write(self.state_file, api)
+            except StoreWriteError as exc:
+                for report in list(self.on_write_error):
+                    report(exc)
+                raise
         self._api = api
         self._states.clear()
         for callback in list(self.on_change):
@@ -327,6 +328,24 @@ class FilterStore:
                 # The change is made and written; one broken listener must not hide it from
                 # the others, nor turn the answer into an error.
                 log.exception("admin_change_callback_failed")
+
+    def _write(self, path: Path, api: Mapping[Kind, Iterable[Record]]) -> None:
+        """Replace the state file by ``api``'s filters; on any failure the old file stays whole
+        and no temporary file is left in its directory.
+
+        Raises:
+            StoreWriteError: see :meth:`commit`.
+        """
+        try:
+            if _stamp(path) != self._stamp:
+                raise StoreWriteError(
+                    f"{path} was changed by another process since it was loaded; reload "
+                    "the service (SIGHUP) to read it, then retry"
+                )
+            _write_atomically(path, _encode_state(api))
+            self._stamp = _stamp(path)
+        except OSError as exc:
+            raise StoreWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
 
     def reload(self, config: Config) -> None:
         """Take the config file's new filters and re-read the state file (SIGHUP), so that a
@@ -557,6 +576,18 @@ def _write_atomically(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+    try:
+        _sync_directory(directory)
+    except OSError as exc:
+        # Too late to fail: the new file is in place, and every reader -- this process, the
+        # other workers, the next start -- already sees it. Refusing the change now would
+        # leave the filters in memory disagreeing with the file. Only its survival of a power
+        # cut is in doubt, which the operator should hear about.
+        log.warning("state_file_sync_failed", path=str(path), error=exc.strerror or str(exc))
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable."""
     directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(directory_fd)

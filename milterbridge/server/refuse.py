@@ -1,4 +1,8 @@
-"""The answer to an MTA connection beyond ``maxSessions``: TEMPFAIL at CONNECT, no filter asked.
+"""The answer to an MTA connection the bridge cannot serve: TEMPFAIL at CONNECT, no filter asked.
+
+Two reasons lead here: the connection is one beyond ``maxSessions``, or the process ran out of
+file descriptors and accepted it with the one it keeps in reserve (server/accept.py); either way
+the refusal itself needs nothing beyond the connection it answers.
 
 A bridge at its limit must not start a real session (that would contact the upstreams and use
 the memory the limit protects), and must not simply drop the connection either: the MTA would
@@ -88,26 +92,30 @@ async def refuse_session(
 
 
 class RefusalLog:
-    """At most one ``session_refused`` line per :attr:`interval`, whatever the refusal rate.
+    """At most one ``session_refused`` line per :attr:`interval` and reason, whatever the rate.
 
     A bridge at its limit is usually being flooded; a line per refused connection would add a
-    flood of log writes to the load that caused it. The line carries how many refusals were
-    not logged since the previous one (``suppressed``); the metric counts every refusal.
+    flood of log writes to the load that caused it. The line carries how many refusals for the
+    same reason were not logged since the previous one (``suppressed``); the metric counts every
+    refusal. Each reason has its own interval, so that a flood of one never hides the other.
     """
 
     def __init__(self, interval: float = 1.0) -> None:
         self.interval = interval
-        self._last: float | None = None
-        self._suppressed = 0
+        #: Per reason: when its last line was logged, and the refusals since.
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
 
     def refused(self, reason: str, **fields: object) -> None:
         """Log this refusal, or count it for the next line when one was logged too recently."""
         now = trio.current_time()
-        if self._last is not None and now - self._last < self.interval:
-            self._suppressed += 1
+        last = self._last.get(reason)
+        if last is not None and now - last < self.interval:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
             return
-        log.warning("session_refused", reason=reason, suppressed=self._suppressed, **fields)
-        self._last, self._suppressed = now, 0
+        suppressed = self._suppressed.pop(reason, 0)
+        log.warning("session_refused", reason=reason, suppressed=suppressed, **fields)
+        self._last[reason] = now
 
 
 __all__ = ["REFUSE_PROTOCOL", "REFUSE_SECONDS", "RefusalLog", "refuse_session"]

@@ -105,7 +105,7 @@ from .filters import (
 from .options import answer_mta, offer_for_upstreams
 from .passes import MessageView, PassScript, advance, body_chunks, replay_message
 from .report import MessageReport, edit_counts
-from .spool import MessageSpool
+from .spool import MessageSpool, SpoolError
 from .variables import session_variables
 
 log = structlog.get_logger("milterbridge.session")
@@ -776,7 +776,10 @@ class MtaSession:
         macro = self._take_macro()
         if self._needs_whole_message():
             in_memory = not self.spool.on_disk
-            self.spool.write(chunk.chunk)
+            try:
+                self.spool.write(chunk.chunk)
+            except SpoolError as exc:
+                return await self._spool_failed(exc)
             if in_memory and self.spool.on_disk:
                 # Not a refusal: the body goes on, from a temporary file (design §12).
                 self._limit_hit("spool_memory", quiet=True, bytes=self.spool.size)
@@ -787,6 +790,20 @@ class MtaSession:
             body=True,
             only_pass=self.first_pass,
         )
+
+    async def _spool_failed(self, error: SpoolError) -> dict[str, Outcome]:
+        """The body cannot be kept (``spoolDirectory`` full, read-only or gone): TEMPFAIL.
+
+        The message is answered TEMPFAIL now, so that the MTA keeps it and retries, rather than
+        filtered without the part of its body a hook or a later pass would need; the session
+        goes on with the next message. No filter is asked, and no outcome is returned: the MTA
+        has its answer, so the caller's ``_answer`` finds nothing left to send.
+        """
+        log.error("spool_failed", directory=error.directory, error=str(error.error))
+        self.metrics.limit_hit("spool_directory")
+        self.refusal = StageResult(Tempfail(), Verdict.TEMPFAIL)
+        self._ended_early(Stage.BODY, await self._send_if_awaited(self.refusal, Stage.BODY))
+        return {}
 
     def _stage_replies(self, outcomes: dict[str, Outcome]) -> list[tuple[str, StageReply]]:
         """Each filter's final reply at this stage, in configured order (sticky ones included)."""

@@ -9,12 +9,32 @@ Writes past the memory limit go to the file synchronously. That is a deliberate 
 "all I/O through trio": a 64 KiB write lands in the page cache in microseconds, far less than
 handing it to a worker thread would cost, and the file is unlinked from the start, so nothing is
 left behind however the session ends.
+
+A write that fails -- the directory is full, read-only or gone -- raises :class:`SpoolError` at
+that write, never later: each write to the file is flushed at once, because a buffered rest
+would fail only at the next read or at close, where nobody could answer the MTA for it. The
+spool drops the whole body then: a body with a hole in it must never reach a filter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from typing import BinaryIO
+
+
+class SpoolError(Exception):
+    """The body could not be kept in ``directory``; the spool is empty again.
+
+    Attributes:
+        directory: where the file was (the system's temporary directory when none is set).
+        error: the operating system's error (``ENOSPC``, ``EROFS``, ``ENOENT``, ...).
+    """
+
+    def __init__(self, directory: str, error: OSError) -> None:
+        super().__init__(f"cannot keep the body in {directory}: {error.strerror or error}")
+        self.directory = directory
+        self.error = error
 
 
 class MessageSpool:
@@ -35,7 +55,19 @@ class MessageSpool:
         return self._file
 
     def write(self, chunk: bytes) -> None:
-        self._open().write(chunk)
+        """Append ``chunk``.
+
+        Raises:
+            SpoolError: the file could not be written; everything kept so far is dropped.
+        """
+        try:
+            spooled = self._open()
+            spooled.write(chunk)
+            if self.on_disk:
+                spooled.flush()
+        except OSError as exc:
+            self.reset()
+            raise SpoolError(self.directory or tempfile.gettempdir(), exc) from exc
         self.size += len(chunk)
 
     @property
@@ -52,6 +84,9 @@ class MessageSpool:
     def reset(self) -> None:
         """Forget the body (next message, abort, or the end of the session)."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            spooled, self._file = self._file, None
+            # Closing flushes: after a failed write the unwritten rest fails again here, and it
+            # belongs to a body that is being dropped anyway.
+            with contextlib.suppress(OSError):
+                spooled.close()
         self.size = 0
