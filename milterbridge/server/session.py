@@ -597,7 +597,8 @@ class MtaSession:
             self.report.failed(slot.name, failure.kind.value)
         if isinstance(slot, FilterSlot):
             slot.client = None
-        self.breakers.failed(slot.name)
+        if failure.kind is not FailureKind.LOCAL_RESOURCES:  # the filter is not to blame
+            self.breakers.failed(slot.name)
         if slot.config.temp_fail_on_error and not slot.observing:
             slot.sticky = Tempfail()
         else:

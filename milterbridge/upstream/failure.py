@@ -12,6 +12,7 @@ the codec. What is *not* the upstream's fault is never converted: cancellation, 
 from __future__ import annotations
 
 import enum
+import errno
 
 import trio
 
@@ -53,6 +54,7 @@ class FailureKind(enum.Enum):
     CIRCUIT_OPEN = "circuit_open"  # not tried: it kept failing, its circuit is open
     HTTP_STATUS = "http_status"  # a hook answered with a status other than 2xx (3xx included)
     INVALID_RESPONSE = "invalid_response"  # a hook's answer is not JSON, or not a valid answer
+    LOCAL_RESOURCES = "local_resources"  # not the filter: the bridge had no descriptor/memory
 
 
 class UpstreamFailure(Exception):
@@ -112,6 +114,29 @@ def describe(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+#: The operating system's "we are short of something" errors: the bridge's trouble, not the peer's.
+_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def local_shortage(exc: BaseException) -> OSError | None:
+    """The error, in ``exc``, its causes or its groups, saying that this process ran out of
+    descriptors or memory (trio reports a failed connect as "all attempts ... failed" with the
+    real errors in the cause); None when there is none."""
+    pending: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _SHORTAGES:
+            return current
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return None
+
+
 def classify(exc: BaseException) -> tuple[FailureKind, str] | None:
     """The failure class of an exception raised while talking to an upstream.
 
@@ -129,4 +154,11 @@ def classify(exc: BaseException) -> tuple[FailureKind, str] | None:
     return None
 
 
-__all__ = ["STAGE_NAMES", "FailureKind", "UpstreamFailure", "classify", "describe"]
+__all__ = [
+    "STAGE_NAMES",
+    "FailureKind",
+    "UpstreamFailure",
+    "classify",
+    "describe",
+    "local_shortage",
+]

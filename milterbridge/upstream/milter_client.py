@@ -73,7 +73,14 @@ from ..milter.negotiation import MIN_VERSION_FOR
 from ..milter.state import MACRO_STAGE
 from ..transport import MilterStream
 from .endpoint import UpstreamEndpoint, upstream_offer
-from .failure import STAGE_NAMES, FailureKind, UpstreamFailure, classify, describe
+from .failure import (
+    STAGE_NAMES,
+    FailureKind,
+    UpstreamFailure,
+    classify,
+    describe,
+    local_shortage,
+)
 
 #: Per-exchange tracing, at debug level only (packet kinds, never their content).
 _trace = structlog.get_logger("milterbridge.upstream")
@@ -156,6 +163,12 @@ async def _open(endpoint: UpstreamEndpoint, open_stream: StreamOpener) -> trio.a
         return await open_stream(endpoint)
     except OSError as exc:
         where = endpoint.unix_path or f"{endpoint.hostname}:{endpoint.port}"
+        shortage = local_shortage(exc)
+        if shortage is not None:
+            cause = f"cannot connect to {where}: the bridge is short of resources: {shortage}"
+            raise UpstreamFailure(
+                FailureKind.LOCAL_RESOURCES, endpoint.name, _OPTNEG_STAGE, cause
+            ) from exc
         raise UpstreamFailure(
             FailureKind.REFUSED, endpoint.name, _OPTNEG_STAGE, f"cannot connect to {where}: {exc}"
         ) from exc

@@ -309,6 +309,8 @@ async def test_out_of_descriptors_new_sessions_are_refused_and_running_ones_fini
     )
     # At the connect, before a byte was sent (kind and cause: see the module docstring).
     assert {line["stage"] for line in errors} == {"optneg"}
+    assert {line["kind"] for line in errors} == {"local_resources"}
+    assert all("Too many open files" in line["cause"] for line in errors)
     outcomes = [line["outcome"] for line in bridge.events("session_end")]
     assert outcomes == ["quit"] * (SESSIONS + 1)
     verdicts = [line["verdict"] for line in bridge.events("message_end")]
