@@ -2,11 +2,12 @@
 
 Both sides use it (the MTA-facing session and the upstream milter client), so the socket rules of
 design §4 live here once: TCP_NODELAY on every TCP socket, every batch of packets owed to a peer
-in one write, and, on upstream connections, TCP_QUICKACK re-armed after every receive. The last
-one matters because stock libmilter filters write an end-of-message edit and the final reply
-separately with Nagle on: without a quick ACK from our side, the filter's second write waits for
-our delayed ACK (about 40 ms on Linux). The MTA side does not need it: Postfix writes each packet
-(macros included) in one go, and every re-arm is a system call.
+in one write, and TCP_QUICKACK re-armed after every receive. The last one matters on both sides:
+stock libmilter filters write an end-of-message edit and the final reply separately with Nagle
+on, and the MTAs write a macro packet and its command separately (Postfix leaves Nagle on for
+its milter sockets too): without a quick ACK from our side, the peer's second write waits for
+our delayed ACK (about 40 ms on Linux). Measured: dropping it on the MTA side took a message
+through Postfix at one session from about 7 to about 33 ms.
 
 **The direct socket path.** On a plain socket, a receive or send first tries the system call
 itself and goes through trio only when it would block (or every ``_FAIR_TURNS`` calls, to let
@@ -73,18 +74,12 @@ def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourc
 
 
 class MilterStream:
-    """A Connection bound to a stream: ``receive()`` one packet, ``send()`` a batch at once.
+    """A Connection bound to a stream: ``receive()`` one packet, ``send()`` a batch at once."""
 
-    ``quickack`` re-arms TCP_QUICKACK after every receive (upstream connections; see above).
-    """
-
-    def __init__(
-        self, stream: trio.abc.Stream, connection: Connection, *, quickack: bool = False
-    ) -> None:
+    def __init__(self, stream: trio.abc.Stream, connection: Connection) -> None:
         self.stream = stream
         self.connection = connection
-        tcp = _tcp_socket(stream)
-        self._quickack = tcp if quickack and _QUICKACK is not None else None
+        self._quickack = _tcp_socket(stream) if _QUICKACK is not None else None
         self._raw = _stdlib_socket(stream)
         self._turns = 0
         set_nodelay(stream)

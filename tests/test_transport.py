@@ -37,7 +37,7 @@ async def _negotiated_pair() -> tuple[MilterStream, MilterStream]:
     """An MTA end and a filter end past OPTNEG, over real loopback TCP."""
     client, server = await _tcp_pair()
     mta = MilterStream(client, Connection(Role.MTA))
-    filt = MilterStream(server, Connection(Role.FILTER), quickack=True)
+    filt = MilterStream(server, Connection(Role.FILTER))
     await mta.send(OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL))
     offer = await filt.receive()
     assert isinstance(offer, OptNeg)

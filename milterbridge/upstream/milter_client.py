@@ -145,7 +145,7 @@ async def connect_upstream(
             if endpoint.use_tls:
                 stream = await _start_tls(endpoint, stream)
             connection = Connection(Role.MTA, max_packet=endpoint.max_response_size)
-            milter = MilterStream(stream, connection, quickack=True)
+            milter = MilterStream(stream, connection)
             await milter.send(our_offer)
             await _read_replies(milter, scope, endpoint.timeout_connect)
     except BaseException as exc:
