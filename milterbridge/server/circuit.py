@@ -8,8 +8,14 @@ back-off the circuit lets exactly **one** attempt through (half-open): success c
 opens it again for twice the back-off, up to a maximum.
 
 "Consecutive" counts across all sessions of the process: any answered step resets the count, any
-failure adds one. The clock is trio's, so tests drive it with a MockClock. One set of breakers
-serves the whole process (each worker process has its own).
+failure adds one -- except the failure of a connection opened before the last failure counted:
+a filter that crashes drops every connection it has at once, and the sessions notice one by one
+(each at its next command), so those failures are one incident, not one per session. Without
+this, one crash of a filter that restarts at once opens its circuit whenever five sessions were
+in it, and its policy then applies to all new mail for ``backoff``.
+
+The clock is trio's, so tests drive it with a MockClock. One set of breakers serves the whole
+process (each worker process has its own).
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ class _Circuit:
     backoff: float = 0.0
     #: When the half-open attempt was let through (None: none outstanding).
     probing: float | None = None
+    #: When the last failure that counted happened.
+    last_failure: float | None = None
 
 
 class CircuitBreakers:
@@ -83,8 +91,19 @@ class CircuitBreakers:
             if self.report is not None:
                 self.report(name, False)
 
-    def failed(self, name: str) -> None:
+    def failed(self, name: str, connected_at: float | None = None) -> None:
+        """A failure; ``connected_at``: when the failed connection was opened (None: the
+        attempt to open it failed). A connection older than the last failure counted fails in
+        the same incident, and does not count again."""
         circuit = self._circuits.setdefault(name, _Circuit())
+        now = trio.current_time()
+        if (
+            connected_at is not None
+            and circuit.last_failure is not None
+            and connected_at <= circuit.last_failure
+        ):
+            return
+        circuit.last_failure = now
         circuit.failures += 1
         if circuit.probing is not None:
             circuit.probing = None
@@ -93,7 +112,7 @@ class CircuitBreakers:
             circuit.backoff = self.backoff
         else:
             return
-        circuit.open_until = trio.current_time() + circuit.backoff
+        circuit.open_until = now + circuit.backoff
         log.warning(
             "circuit_opened",
             filter=name,

@@ -115,6 +115,8 @@ class FilterSlot:
     config: MilterFilter
     endpoint: UpstreamEndpoint
     client: UpstreamMilter | None = None
+    #: When ``client`` was connected (trio's clock), for the circuit breaker.
+    connected_at: float | None = None
     #: Left the session after an error with tempFailOnError = false.
     gone: bool = False
     #: The answer it gives at every later stage of the connection (an error with

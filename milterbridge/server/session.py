@@ -518,6 +518,7 @@ class MtaSession:
             self._failed(slot, failure)
             return
         slot.client = client
+        slot.connected_at = trio.current_time()
         self.cache[slot.name] = client.negotiated
         self.metrics.filter_up(slot.name, True)
         self.breakers.succeeded(slot.name)
@@ -595,10 +596,12 @@ class MtaSession:
             self.metrics.filter_up(slot.name, False)
         if self.report is not None:
             self.report.failed(slot.name, failure.kind.value)
+        connected_at = None
         if isinstance(slot, FilterSlot):
+            connected_at = slot.connected_at if slot.client is not None else None
             slot.client = None
         if failure.kind is not FailureKind.LOCAL_RESOURCES:  # the filter is not to blame
-            self.breakers.failed(slot.name)
+            self.breakers.failed(slot.name, connected_at)
         if slot.config.temp_fail_on_error and not slot.observing:
             slot.sticky = Tempfail()
         else:

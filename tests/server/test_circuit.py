@@ -74,3 +74,22 @@ async def test_a_lost_probe_does_not_keep_the_circuit_open(
     assert not breakers.admit("scan")
     await trio.sleep(1)
     assert breakers.admit("scan")
+
+
+async def test_connections_one_crash_dropped_count_as_one_failure(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A filter that crashes drops all its connections at once and the sessions notice one by
+    one: one incident, which must not open the circuit of a filter that is back at once. Failed
+    connections opened after that incident count again, one each."""
+    breakers = _breakers([])
+    opened = trio.current_time()
+    await trio.sleep(1)
+    for _ in range(5):
+        breakers.failed("scan", connected_at=opened)
+        await trio.sleep(0.01)
+    assert not breakers.is_open("scan")
+    for _ in range(2):
+        await trio.sleep(0.01)
+        breakers.failed("scan", connected_at=trio.current_time())
+    assert breakers.is_open("scan")
