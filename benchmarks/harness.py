@@ -104,7 +104,17 @@ class CFilter:
         verdict: str = "continue",
         unix: bool = False,
         verbose: bool = False,
+        edits: int = 1,
+        edit_gap_ms: int = 0,
+        port: int = 0,
+        log_edits: bool = False,
+        nagle: bool = False,
     ) -> None:
+        """``edits`` > 1 adds the headers ``NAME-1`` .. ``NAME-N`` instead of one, with
+        ``edit_gap_ms`` between two of them (the soak test kills filters between edits);
+        ``port``, when not 0, is the TCP port to listen on at every start (a restarted filter
+        must come back where the bridge's configuration says it is), else a free one;
+        ``log_edits`` logs each edit sent and each reply to its stderr log."""
         self.binary = binary
         self.workdir = workdir
         self.name = name
@@ -113,6 +123,11 @@ class CFilter:
         self.verdict = verdict
         self.unix = unix
         self.verbose = verbose
+        self.edits = edits
+        self.edit_gap_ms = edit_gap_ms
+        self.fixed_port = port
+        self.log_edits = log_edits
+        self.nagle = nagle
         self.host = "127.0.0.1"
         self.port = 0
         self.path: Path | None = None
@@ -137,8 +152,14 @@ class CFilter:
             argv += ["--header-name", ""]
         else:
             argv += ["--header-name", self.header[0], "--header-value", self.header[1]]
+        if self.edits != 1 or self.edit_gap_ms:
+            argv += ["--edits", str(self.edits), "--edit-gap-ms", str(self.edit_gap_ms)]
+        if self.log_edits:
+            argv.append("--log-edits")
         if self.verbose:
             argv.append("--verbose")
+        if self.nagle:
+            argv.append("--nagle")
         return argv
 
     def start(self, timeout: float = 10.0) -> Self:
@@ -146,7 +167,7 @@ class CFilter:
         if self.unix:
             self.path = self.workdir / f"{self.name}.sock"
         else:
-            self.port = free_port()
+            self.port = self.fixed_port or free_port()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log
@@ -174,6 +195,19 @@ class CFilter:
             proc.wait()
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+        return proc.returncode
+
+    def kill(self) -> int | None:
+        """SIGKILL, as a crash would: its connections drop without a goodbye, mid-reply if
+        it was writing one. ``start()`` brings it back (on the same port if it has one)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
         return proc.returncode
 
     def stderr_text(self) -> str:

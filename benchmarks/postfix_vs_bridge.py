@@ -162,12 +162,18 @@ def _c_filter(binary: Path, script: dict[str, Any], workdir: Path, name: str) ->
         - {
             "eom_edits",
             "eom_sleep_ms",
+            "nagle",
         }
     ):
         raise ValueError(f"the C filter cannot play {script}")
     header = (edits[0][1], edits[0][2]) if edits else None
     return CFilter(
-        binary, workdir, name=name, sleep_ms=script.get("eom_sleep_ms", 0), header=header
+        binary,
+        workdir,
+        name=name,
+        sleep_ms=script.get("eom_sleep_ms", 0),
+        header=header,
+        nagle=script.get("nagle", False),
     )
 
 
@@ -445,6 +451,11 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=180.0, help="per run")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     parser.add_argument(
+        "--nagle",
+        action="store_true",
+        help="with --filter c: leave Nagle on in the filters, as packaged milters ship",
+    )
+    parser.add_argument(
         "--filter",
         choices=["pymilter", "c"],
         default="pymilter",
@@ -462,9 +473,16 @@ def main() -> int:
     c_filter = build_c_filter(workdir / "build") if args.filter == "c" else None
     if c_filter is not None:
         progress(f"filters: {c_filter}")
-    one = [{"eom_edits": [["addheader", "X-Bench", "1"]]}]
+    if args.nagle and args.filter != "c":
+        parser.error("--nagle needs --filter c")
+    nagle = {"nagle": True} if args.nagle else {}
+    one = [{"eom_edits": [["addheader", "X-Bench", "1"]], **nagle}]
     three = [
-        {"eom_sleep_ms": EOM_SLEEP_MS, "eom_edits": [["addheader", f"X-Bench-{i}", "1"]]}
+        {
+            "eom_sleep_ms": EOM_SLEEP_MS,
+            "eom_edits": [["addheader", f"X-Bench-{i}", "1"]],
+            **nagle,
+        }
         for i in (1, 2, 3)
     ]
     three_headers = {f"X-Bench-{i}": "1" for i in (1, 2, 3)}

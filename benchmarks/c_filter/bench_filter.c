@@ -6,7 +6,18 @@
  * milliseconds of Python per message; this one spends microseconds of C.  It answers CONTINUE
  * to every step (so the MTA, or the bridge, walks every step of the protocol, as with a
  * real scanner), optionally sleeps at end-of-message (to stand for a scanner's work without
- * using CPU), adds one header there, and gives the verdict it was told to give.
+ * using CPU), adds one header there (or --edits N of them), and gives the verdict it was
+ * told to give.
+ *
+ * Several edits: the soak test (benchmarks/soak.py) kills filters at random and then checks
+ * that every delivered message carries all or none of each filter's edits.  That needs a
+ * filter whose edits are several packets: --edits N adds the headers NAME-1 .. NAME-N, each
+ * written to the socket as soon as it is made (libmilter sends every edit at once), and
+ * --edit-gap-ms sleeps between two of them, so that a SIGKILL can land after some edits
+ * are on the wire and before the final reply -- the case the receiver must not half-apply.
+ * --log-edits writes "eom ID edit I" to stderr after each edit is sent and "eom ID replied"
+ * when the callback returns (ID counts end-of-message calls), so that the soak test can tell
+ * from a killed filter's log which messages it left between two edits.
  *
  * TCP_NODELAY: libmilter never sets it on the sockets it accepts, and it writes an edit and the
  * final reply of end-of-message in separate write() calls.  With Nagle on, the second write
@@ -16,12 +27,14 @@
  * linker resolves libmilter's call to accept() to this definition (the executable comes first
  * in symbol lookup), which accepts with accept4() and sets TCP_NODELAY on every TCP socket.
  * --verbose logs each accepted socket with the option read back, which is how the tests check
- * that the interposition took effect.
+ * that the interposition took effect.  --nagle leaves Nagle on, as every packaged libmilter
+ * filter ships: the delayed-ACK experiment of benchmarks/README.md.
  *
  *   bench_filter --socket inet:PORT@127.0.0.1 | --socket unix:/path | --port PORT
  *                [--sleep-ms N] [--header-name NAME] [--header-value VALUE]
+ *                [--edits N] [--edit-gap-ms N] [--log-edits]
  *                [--verdict continue|accept|reject|tempfail|discard] [--backlog N]
- *                [--timeout SECONDS] [--ready] [--exit-on-stdin-eof] [--verbose]
+ *                [--timeout SECONDS] [--ready] [--exit-on-stdin-eof] [--verbose] [--nagle]
  *
  * --ready prints "READY" on stdout once the socket listens.  --exit-on-stdin-eof exits as soon
  * as stdin reaches end of file, so that a parent that dies never leaves a filter behind.
@@ -46,8 +59,13 @@
 static long sleep_ms = 0;
 static char *header_name = "X-Bench-Filter";
 static char *header_value = "1";
+static long edits = 1;
+static long edit_gap_ms = 0;
+static int log_edits = 0;
+static long eom_calls = 0;
 static sfsistat eom_verdict = SMFIS_CONTINUE;
 static int verbose = 0;
+static int nagle = 0;
 
 /* ---- TCP_NODELAY on accepted sockets ------------------------------------------------------ */
 
@@ -62,7 +80,7 @@ int accept(int fd, struct sockaddr *addr, socklen_t *addrlen)
 	if (getsockopt(conn, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 &&
 	    (domain == AF_INET || domain == AF_INET6)) {
 		int one = 1;
-		if (setsockopt(conn, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) != 0)
+		if (!nagle && setsockopt(conn, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) != 0)
 			fprintf(stderr, "bench_filter: TCP_NODELAY on fd %d: %s\n", conn,
 				strerror(errno));
 		if (verbose) {
@@ -128,15 +146,52 @@ static sfsistat on_body(SMFICTX *ctx, unsigned char *chunk, size_t len)
 	return SMFIS_CONTINUE;
 }
 
+static void sleep_for(long ms)
+{
+	if (ms <= 0)
+		return;
+	struct timespec wait = {ms / 1000, (ms % 1000) * 1000000L};
+	while (nanosleep(&wait, &wait) != 0 && errno == EINTR)
+		;
+}
+
+/* One line in one write(), so that the threads' lines never interleave. */
+static void log_eom(long id, const char *what, long edit)
+{
+	char line[96];
+	int len = edit > 0 ? snprintf(line, sizeof(line), "eom %ld %s %ld\n", id, what, edit)
+			   : snprintf(line, sizeof(line), "eom %ld %s\n", id, what);
+	if (write(STDERR_FILENO, line, (size_t)len) < 0)
+		return;
+}
+
+/* One header as before (NAME: VALUE), or with --edits N > 1 the headers NAME-1 .. NAME-N. */
+static int add_headers(SMFICTX *ctx, long id)
+{
+	if (header_name[0] == '\0')
+		return MI_SUCCESS;
+	char name[256];
+	for (long i = 1; i <= edits; i++) {
+		if (i > 1)
+			sleep_for(edit_gap_ms);
+		if (edits > 1)
+			snprintf(name, sizeof(name), "%s-%ld", header_name, i);
+		if (smfi_addheader(ctx, edits > 1 ? name : header_name, header_value) != MI_SUCCESS)
+			return MI_FAILURE;
+		if (log_edits)
+			log_eom(id, "edit", i);
+	}
+	return MI_SUCCESS;
+}
+
 static sfsistat on_eom(SMFICTX *ctx)
 {
-	if (sleep_ms > 0) {
-		struct timespec wait = {sleep_ms / 1000, (sleep_ms % 1000) * 1000000L};
-		while (nanosleep(&wait, &wait) != 0 && errno == EINTR)
-			;
-	}
-	if (header_name[0] != '\0' && smfi_addheader(ctx, header_name, header_value) != MI_SUCCESS)
+	long id = __atomic_add_fetch(&eom_calls, 1, __ATOMIC_RELAXED);
+	sleep_for(sleep_ms);
+	if (add_headers(ctx, id) != MI_SUCCESS)
 		return SMFIS_TEMPFAIL;
+	if (log_edits)
+		log_eom(id, "replied", 0);
 	return eom_verdict;
 }
 
@@ -172,8 +227,9 @@ static void usage(const char *why)
 		"bench_filter: %s\n"
 		"usage: bench_filter (--socket SPEC | --port PORT) [--sleep-ms N]\n"
 		"         [--header-name NAME] [--header-value VALUE]\n"
+		"         [--edits N] [--edit-gap-ms N] [--log-edits]\n"
 		"         [--verdict continue|accept|reject|tempfail|discard] [--backlog N]\n"
-		"         [--timeout SECONDS] [--ready] [--exit-on-stdin-eof] [--verbose]\n",
+		"         [--timeout SECONDS] [--ready] [--exit-on-stdin-eof] [--verbose] [--nagle]\n",
 		why);
 	exit(2);
 }
@@ -216,12 +272,16 @@ int main(int argc, char **argv)
 		{"sleep-ms", required_argument, NULL, 'S'},
 		{"header-name", required_argument, NULL, 'n'},
 		{"header-value", required_argument, NULL, 'v'},
+		{"edits", required_argument, NULL, 'E'},
+		{"edit-gap-ms", required_argument, NULL, 'G'},
+		{"log-edits", no_argument, NULL, 'L'},
 		{"verdict", required_argument, NULL, 'V'},
 		{"backlog", required_argument, NULL, 'b'},
 		{"timeout", required_argument, NULL, 't'},
 		{"ready", no_argument, NULL, 'r'},
 		{"exit-on-stdin-eof", no_argument, NULL, 'e'},
 		{"verbose", no_argument, NULL, 'x'},
+		{"nagle", no_argument, NULL, 'N'},
 		{"help", no_argument, NULL, 'h'},
 		{NULL, 0, NULL, 0},
 	};
@@ -250,6 +310,15 @@ int main(int argc, char **argv)
 		case 'v':
 			header_value = optarg;
 			break;
+		case 'E':
+			edits = number(optarg, "--edits");
+			break;
+		case 'G':
+			edit_gap_ms = number(optarg, "--edit-gap-ms");
+			break;
+		case 'L':
+			log_edits = 1;
+			break;
 		case 'V':
 			eom_verdict = parse_verdict(optarg);
 			break;
@@ -268,6 +337,9 @@ int main(int argc, char **argv)
 		case 'x':
 			verbose = 1;
 			break;
+		case 'N':
+			nagle = 1;
+			break;
 		case 'h':
 			usage("a reference milter for the benchmarks");
 			break;
@@ -279,6 +351,10 @@ int main(int argc, char **argv)
 		usage("unexpected argument");
 	if (spec == NULL)
 		usage("--socket or --port is required");
+	if (edits < 1 || edits > 1000)
+		usage("--edits: between 1 and 1000 (an empty --header-name adds none)");
+	if (strlen(header_name) > 200)
+		usage("--header-name: at most 200 characters");
 
 	struct smfiDesc desc = {
 		.xxfi_name = "bench_filter",
