@@ -49,7 +49,7 @@ import trio
 
 from ..config import HookFilter, HttpAuthBasic, HttpAuthBearer
 from ..engine.hook_answer import HookAnswer, HookResponseError, answer_from_response
-from .failure import FailureKind, UpstreamFailure
+from .failure import FailureKind, UpstreamFailure, local_shortage
 from .hook_request import HookInput, HookRequestBody
 from .hook_response import decode_response
 
@@ -251,6 +251,9 @@ def classify_http_error(exc: httpx.HTTPError) -> tuple[FailureKind, str]:
     if tls is not None:
         return FailureKind.TLS, f"TLS: {_ssl_text(tls)}"
     text = _chain_text(exc)
+    if isinstance(exc, httpx.ConnectError) and local_shortage(exc) is not None:
+        # Out of descriptors or memory ourselves: not the hook's fault (see failure.py).
+        return FailureKind.LOCAL_RESOURCES, f"cannot connect, the bridge is short of: {text}"
     if isinstance(exc, httpx.ConnectError | httpx.ProxyError | httpx.UnsupportedProtocol):
         return FailureKind.REFUSED, f"cannot connect: {text}"
     if isinstance(exc, httpx.TimeoutException):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
+import resource
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -473,6 +475,25 @@ async def test_connection_refused(client: HookClient) -> None:
     failure = await fails(client, hook(f"http://127.0.0.1:{_free_port()}/hook"))
     assert failure.kind is FailureKind.REFUSED
     assert "Connection refused" in failure.cause
+
+
+async def test_no_descriptor_left_is_the_bridges_shortage_not_the_hooks(
+    client: HookClient,
+) -> None:
+    """With the process at its descriptor limit the connect fails with EMFILE: kind
+    local_resources (no strike against the hook's circuit), not refused."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    url = f"http://127.0.0.1:{_free_port()}/hook"
+    # The limit bounds descriptor numbers: set it at the lowest free one, and none is left.
+    lowest_free = os.open(os.devnull, os.O_RDONLY)
+    os.close(lowest_free)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+    try:
+        failure = await fails(client, hook(url))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert failure.kind is FailureKind.LOCAL_RESOURCES
+    assert "Too many open files" in failure.cause
 
 
 async def test_cancellation_from_outside_is_not_a_failure(
