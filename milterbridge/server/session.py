@@ -293,8 +293,11 @@ class MtaSession:
         self.stats.outcome = "abandoned"
         awaiting = self.milter.connection.awaiting
         if awaiting is not None and awaiting is not OptNeg:
-            with trio.move_on_after(GOODBYE_SECONDS):
+            with trio.move_on_after(GOODBYE_SECONDS) as goodbye:
                 await self.milter.send(Tempfail())
+            if not goodbye.cancelled_caught:
+                # The MTA keeps the message and retries it: say so, rather than "aborted".
+                self._end_message(Verdict.TEMPFAIL.value)
 
     # --- the MTA loop -------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import trio
 import trio.testing
+from structlog.testing import capture_logs
 
 from milterbridge.milter import (
     ALL_ACTIONS,
@@ -38,6 +39,13 @@ async def _thinks_forever_at_eom(peer: Peer) -> None:
 async def test_a_step_in_progress_is_answered_tempfail(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    with capture_logs() as logs:
+        await _abandon_at_end_of_message()
+    (end,) = [line for line in logs if line["event"] == "message_end"]
+    assert end["verdict"] == "tempfail"  # what the MTA was told, not "aborted"
+
+
+async def _abandon_at_end_of_message() -> None:
     async with fake_upstream(_thinks_forever_at_eom) as upstream:
         mta_stream, session_stream = trio.testing.memory_stream_pair()
         session = MtaSession(
