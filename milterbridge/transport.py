@@ -79,8 +79,13 @@ class MilterStream:
     def __init__(self, stream: trio.abc.Stream, connection: Connection) -> None:
         self.stream = stream
         self.connection = connection
-        self._quickack = _tcp_socket(stream) if _QUICKACK is not None else None
         self._raw = _stdlib_socket(stream)
+        tcp = _tcp_socket(stream)
+        # Re-armed after every receive: through the stdlib socket when there is one (trio's
+        # wrapper around setsockopt showed in the profile), else trio's (under TLS).
+        self._quickack: socket.socket | trio.socket.SocketType | None = None
+        if tcp is not None and _QUICKACK is not None:
+            self._quickack = self._raw if self._raw is not None else tcp
         self._turns = 0
         set_nodelay(stream)
 
@@ -146,9 +151,9 @@ class MilterStream:
         await self.stream.aclose()
 
     async def _take_turn(self) -> None:
+        """A checkpoint every _FAIR_TURNS direct calls. (A closed socket needs no check here:
+        the system call on it fails with EBADF, which reads as ClosedResourceError.)"""
         self._turns += 1
         if self._turns >= _FAIR_TURNS:
             self._turns = 0
             await trio.lowlevel.checkpoint()
-        elif self._raw is not None and self._raw.fileno() == -1:
-            raise trio.ClosedResourceError("this socket was already closed")

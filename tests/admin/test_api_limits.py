@@ -16,14 +16,13 @@ import httpx
 import pytest
 import trio
 import trio.testing
-from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
-from milterbridge.admin import Readiness, serve_admin
 from milterbridge.admin.api import MAX_JSON_DEPTH
 from milterbridge.admin.http import MAX_REQUEST_BODY, REQUEST_TIMEOUT
-from milterbridge.admin.store import FilterStore
-from milterbridge.config import AdminToken, Config, SecretValue
+from milterbridge.config import AdminToken, SecretValue
+
+from .test_auth import serve
 
 pytestmark = pytest.mark.usefixtures("time_limit")
 
@@ -47,18 +46,7 @@ async def address(nursery: trio.Nursery, tmp_path: Path) -> str:
             permissions=["sysMtaMilterGet", "sysMtaMilterQuery"],
         )
     ]
-    store = FilterStore.open(Config(), state_file=tmp_path / "filters.json")
-    started: str = await nursery.start(
-        lambda task_status: serve_admin(
-            "127.0.0.1:0",
-            CollectorRegistry(),
-            Readiness(),
-            store=store,
-            tokens=tokens,
-            task_status=task_status,
-        )
-    )
-    return started
+    return await serve(nursery, tmp_path, tokens)
 
 
 @pytest.fixture

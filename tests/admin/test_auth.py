@@ -183,8 +183,14 @@ def test_method_permissions() -> None:
 async def start(
     nursery: trio.Nursery, tmp_path: Path, tokens: list[AdminToken]
 ) -> httpx.AsyncClient:
+    address = await serve(nursery, tmp_path, tokens)
+    return httpx.AsyncClient(verify=TLS, base_url=f"http://{address}")
+
+
+async def serve(nursery: trio.Nursery, tmp_path: Path, tokens: list[AdminToken]) -> str:
+    """An admin listener with ``tokens`` and an empty state file; its address."""
     store = FilterStore.open(Config(), state_file=tmp_path / "filters.json")
-    address = await nursery.start(
+    address: str = await nursery.start(
         lambda task_status: serve_admin(
             "127.0.0.1:0",
             CollectorRegistry(),
@@ -194,7 +200,7 @@ async def start(
             task_status=task_status,
         )
     )
-    return httpx.AsyncClient(verify=TLS, base_url=f"http://{address}")
+    return address
 
 
 def calls(*method_calls: list[Any]) -> dict[str, Any]:

@@ -2,65 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import trio
 import trio.testing
 from structlog.testing import capture_logs
 
 from milterbridge.milter import (
-    ALL_ACTIONS,
-    ALL_PROTOCOL,
     AddHeader,
     Command,
-    Connection,
     Continue,
     EndOfMessage,
     Header,
     Message,
-    OptNeg,
     OptNegReply,
     Protocol,
-    Quit,
     Reject,
     Reply,
-    Role,
 )
-from milterbridge.server.session import MtaSession
-from milterbridge.transport import MilterStream
 from tests.fake_upstream import fake_upstream
 
-from .test_session_faults import MESSAGE, _filter
+from .test_session_faults import _filter
+from .test_session_hooks import RecordingHooks, play
 from .test_session_merge import scripted
 
 
-async def _play(
-    port: int, commands: Sequence[Command] = MESSAGE
-) -> tuple[OptNegReply, list[tuple[Command, Reply]]]:
-    mta_stream, session_stream = trio.testing.memory_stream_pair()
-    session = MtaSession(
-        session_stream,
-        max_packet=1 << 20,
-        session_id="s",
-        filters=[_filter("one", port, True)],
-        defer_message_verdicts=True,
+async def _play(port: int) -> tuple[OptNegReply, list[tuple[Command, Reply]]]:
+    """One message from our codec as Postfix to a deferring session with one milter."""
+    return await play(
+        [], RecordingHooks(), milters=[_filter("one", port, True)], defer_message_verdicts=True
     )
-    mta = MilterStream(mta_stream, Connection(Role.MTA))
-    answers: list[tuple[Command, Reply]] = []
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run)
-        await mta.send(OptNeg(6, ALL_ACTIONS, ALL_PROTOCOL))
-        negotiated = await mta.receive()
-        assert isinstance(negotiated, OptNegReply)
-        for command in commands:
-            await mta.send(command)
-            while mta.connection.awaiting is not None:
-                reply = await mta.receive()
-                assert isinstance(reply, Reply)
-                answers.append((command, reply))
-        await mta.send(Quit())
-        await mta_stream.aclose()
-    return negotiated, answers
 
 
 def _refuse_subject(message: Message) -> list[Reply]:
